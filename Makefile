@@ -1,0 +1,37 @@
+# Moat: every entry point a person or CI uses. Run as root on Debian 12.
+# `make test` and `make demo` install what they need (tools/install-deps).
+
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export VENV
+PYTEST_ARGS ?=
+
+.PHONY: help deps test test-fast lint format demo bench clean
+
+help:
+	@echo "make demo       build a namespace network and show the tunnel working"
+	@echo "make test       install dependencies and run every test"
+	@echo "make test-fast  unit tests only (no namespaces, no QEMU)"
+	@echo "make lint       ruff format check, ruff, mypy"
+	@echo "make bench      throughput benchmarks, printed as ratios"
+
+deps:
+	@tools/install-deps
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: deps
+	$(PY) -m pytest -m "not netns and not qemu" $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+format: deps
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf build dist out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from moat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Signed over-the-air updates (TUF) and slot management."""

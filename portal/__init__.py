@@ -1,0 +1,1 @@
+"""The security portal: moat database, registration over ssh, provisioning."""

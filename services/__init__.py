@@ -1,0 +1,1 @@
+"""LAN services of the moat: DHCP, DNS, NTP, and wild-side lockdown."""
