@@ -29,6 +29,7 @@ from moat.errors import MoatError
 # verb -> (module, one-line summary shown by `moat --help`)
 VERBS: dict[str, tuple[str, str]] = {
     "version": ("moat.version", "print the program version"),
+    "tunnel": ("datapath.cli", "run a manually keyed ESP tunnel (TUN <-> ESP)"),
 }
 
 

@@ -1,0 +1,263 @@
+"""The event loop: one thread, one epoll, every peer.
+
+    TUN readable   -> read packets until EAGAIN (at most BATCH) -> Datapath.outbound
+                   -> send each dirty peer's queue (UDP GSO for equal sizes)
+    socket readable-> receive datagrams (UDP GRO when offered) -> Datapath.inbound
+                   -> write the queued inner packets to the TUN device
+    control socket -> one JSON reply per connection (status)
+    signals        -> SIGHUP reload, SIGTERM/SIGINT stop (via a wakeup fd)
+    about 1/s      -> Datapath.poll (keepalives, SA retirement, warnings)
+
+The per-packet path does no logging, builds no objects it can avoid and
+keeps hot attributes in locals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datapath.outer import Address, OuterSocket
+from datapath.tun import MAX_PACKET, Tun
+from datapath.tunnel import Datapath
+from datapath.udpencap import NAT_KEEPALIVE, NON_ESP_MARKER
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # packets per read burst (also the UDP GSO segment cap)
+POLL_INTERVAL = 1.0  # seconds between Datapath.poll calls
+CONTROL_TIMEOUT = 2.0
+ESP_MIN = 8  # SPI + sequence number
+
+
+class ControlServer:
+    """A unix stream socket answering `status` with one JSON document."""
+
+    def __init__(self, path: str, status: Callable[[], dict[str, Any]]) -> None:
+        self.path = path
+        self.status = status
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def serve_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(CONTROL_TIMEOUT)
+            try:
+                request = conn.recv(256).decode(errors="replace").strip()
+                if request in ("", "status"):
+                    reply = json.dumps(self.status(), indent=1, sort_keys=True)
+                else:
+                    reply = json.dumps({"error": f"unknown request {request!r}"})
+                conn.sendall(reply.encode() + b"\n")
+            except OSError as exc:
+                log.debug("control connection failed: %s", exc)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def query(path: str, request: str = "status") -> dict[str, Any]:
+    """Ask a running tunnel over its control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONTROL_TIMEOUT * 2)
+        sock.connect(path)
+        sock.sendall(request.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return result
+
+
+class EventLoop:
+    """Moves packets between one TUN device, the outer sockets and a Datapath."""
+
+    def __init__(
+        self,
+        datapath: Datapath,
+        tun: Tun,
+        sockets: dict[str, OuterSocket],
+        control: ControlServer | None = None,
+        on_reload: Callable[[], None] | None = None,
+    ) -> None:
+        self.dp = datapath
+        self.tun = tun
+        self.sockets = sockets
+        self.control = control
+        self.on_reload = on_reload
+        self.running = False
+        self.counters = datapath.counters
+        self._reload = False
+        self._stop = False
+        self._handlers: dict[int, Callable[[], None]] = {}
+
+    # signals
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        del frame
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # the loop
+
+    def run(self) -> None:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        old_handlers = {
+            s: signal.signal(s, self._on_signal)
+            for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+        }
+        epoll = select.epoll()
+        handlers = self._handlers
+        handlers[self.tun.fileno()] = self._from_tun
+        for sock in self.sockets.values():
+            handlers[sock.fileno()] = self._receiver(sock)
+        if self.control is not None:
+            handlers[self.control.fileno()] = self.control.serve_one
+        handlers[wake_r.fileno()] = lambda: _drain(wake_r)
+        for fd in handlers:
+            epoll.register(fd, select.EPOLLIN)
+
+        self.running = True
+        next_poll = 0.0
+        monotonic = time.monotonic
+        try:
+            while not self._stop:
+                now = monotonic()
+                if now >= next_poll:
+                    self.dp.poll(now)
+                    self._flush(now)
+                    next_poll = now + POLL_INTERVAL
+                for fd, _ev in epoll.poll(max(0.0, next_poll - now)):
+                    handlers[fd]()
+                if self._reload:
+                    self._reload = False
+                    if self.on_reload is not None:
+                        self.on_reload()
+                        self._flush(monotonic())
+        finally:
+            self.running = False
+            epoll.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            wake_r.close()
+            wake_w.close()
+
+    # TUN -> peers
+
+    def _from_tun(self) -> None:
+        fd = self.tun.fd
+        read = os.read
+        outbound = self.dp.outbound
+        now = time.monotonic()
+        for _ in range(BATCH):
+            try:
+                packet = read(fd, MAX_PACKET)
+            except BlockingIOError:
+                break
+            outbound(packet, now)
+        self._flush(now)
+        if self.dp.tun_queue:
+            self._to_tun()
+
+    def _flush(self, now: float) -> None:
+        dp = self.dp
+        if not dp.dirty:
+            return
+        sockets = self.sockets
+        for peer in dp.dirty:
+            sock = sockets.get(peer.encapsulation)
+            if sock is None:
+                dp.counters["tx_no_socket"] += len(peer.tx_queue)
+            else:
+                sock.send(peer.tx_queue, peer.endpoint)
+            dp.sent(peer, now)
+        dp.dirty.clear()
+
+    # peers -> TUN
+
+    def _receiver(self, sock: OuterSocket) -> Callable[[], None]:
+        is_udp = sock.encapsulation == "udp"
+        dp = self.dp
+        inbound = dp.inbound
+        received: list[tuple[bytes, Address]] = []
+
+        def receive() -> None:
+            sock.receive(received, BATCH)
+            now = time.monotonic()
+            for data, addr in received:
+                if is_udp and (len(data) < ESP_MIN or data.startswith(NON_ESP_MARKER)):
+                    self._non_esp(data, addr)
+                    continue
+                inbound(data, addr, now)
+            received.clear()
+            self._to_tun()
+            if dp.dirty:
+                self._flush(now)
+
+        return receive
+
+    def _non_esp(self, data: bytes, addr: Address) -> None:
+        # RFC 3948 §2.2, §2.3: keepalive (ignored, not a liveness signal),
+        # IKE behind the non-ESP marker (no IKE here), anything else a runt
+        if data == NAT_KEEPALIVE:
+            self.dp.non_esp("keepalive", addr)
+        elif data.startswith(NON_ESP_MARKER):
+            self.dp.non_esp("ike", addr)
+        else:
+            self.dp.non_esp("runt", addr)
+
+    def _to_tun(self) -> None:
+        queue = self.dp.tun_queue
+        if not queue:
+            return
+        fd = self.tun.fd
+        write = os.write
+        for packet in queue:
+            try:
+                write(fd, packet)
+            except OSError as exc:
+                key = "tun_tx_full" if exc.errno == errno.EAGAIN else "tun_tx_error"
+                self.counters[key] += 1
+        self.counters["tun_tx"] += len(queue)
+        queue.clear()
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(4096):
+            pass
