@@ -80,7 +80,7 @@ class MtuContext:
     inner_mtu: int  # largest inner packet that fits one outer packet
     esp_space: int  # bytes available for one ESP packet on the outer path
     out_sa: OutboundSA  # max_payload(esp_space) gives the room for a payload
-    selectors: Selectors  # inbound check of inner packets it reassembles
+    selectors: Selectors | None  # inbound check of inner packets it reassembles
     to_tun: Callable[[bytes], None]  # sends a packet toward the inner side
 
 

@@ -47,11 +47,19 @@ def transfer(pair: TunnelPair, tmp: Path, nbytes: int = TRANSFER_BYTES) -> None:
     data_path.write_bytes(os.urandom(nbytes))
     want = hashlib.sha256(data_path.read_bytes()).hexdigest()
     receiver = pair.b.popen(
-        "python3", "-c", RECEIVER, "10.99.0.2", "5001", stdout=subprocess.PIPE, text=True
+        "python3",
+        "-c",
+        RECEIVER,
+        "10.99.0.2",
+        "5001",
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert receiver.stdout is not None
     assert receiver.stdout.readline().strip() == "ready"
-    pair.a.run("python3", "-c", SENDER, "10.99.0.2", "5001", str(data_path), timeout=180)
+    pair.a.run(
+        "python3", "-c", SENDER, "10.99.0.2", "5001", str(data_path), timeout=180
+    )
     receiver.wait(timeout=60)
     got = receiver.stdout.read().split()
     assert got == [str(nbytes), want]
@@ -209,7 +217,9 @@ def test_status_output(lab: Lab, tmp_path: Path) -> None:
 
 def test_tun_mtu_from_transform_overhead(lab: Lab, tmp_path: Path) -> None:
     # datapath.md §2.5: GCM over IPv4/UDP 1438, CBC+HMAC-SHA-256 over raw ESP 1438
-    pair = TunnelPair(lab, tmp_path, transform="aes-cbc-hmac-sha256", encapsulation="esp")
+    pair = TunnelPair(
+        lab, tmp_path, transform="aes-cbc-hmac-sha256", encapsulation="esp"
+    )
     pair.start("a")
     out = pair.a.run("ip", "-o", "link", "show", "moat0").stdout
     assert " mtu 1438 " in out

@@ -160,7 +160,9 @@ class TunnelPair:
         self.a = lab.host("a")
         self.b = lab.host("b")
         lab.link(self.a, "wild0", "192.168.77.1/24", self.b, "wild0", "192.168.77.2/24")
-        self.sides = dict(zip("ab", make_sides(tmp, transform, encapsulation, esn)))
+        self.sides = dict(
+            zip("ab", make_sides(tmp, transform, encapsulation, esn), strict=True)
+        )
         self.procs: dict[str, subprocess.Popen[Any]] = {}
 
     def host(self, side: str) -> Host:
@@ -205,7 +207,9 @@ class TunnelPair:
         import json
 
         res = subprocess.run(
-            moat_argv("tunnel", "--status", "--json", "--control", self.sides[side].control),
+            moat_argv(
+                "tunnel", "--status", "--json", "--control", self.sides[side].control
+            ),
             capture_output=True,
             text=True,
             env=ENV,
