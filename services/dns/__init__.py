@@ -1,0 +1,1 @@
+"""DNS for the LAN: secondary for corporate zones, caching forwarder, local names."""
