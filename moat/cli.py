@@ -31,7 +31,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "version": ("moat.version", "print the program version"),
     "tunnel": ("datapath.cli", "run a manually keyed ESP tunnel (TUN <-> ESP)"),
     "dns": ("services.dns.daemon", "DNS server: corporate secondary, forwarder, cache"),
-    "ntpd": ("services.ntp.daemon", "NTP client of the portal and server for the LAN"),
 }
 
 

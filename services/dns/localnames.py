@@ -3,10 +3,10 @@
 Two sources, both re-read when their modification time changes:
 
 - a hosts-like file: `ADDRESS NAME [NAME...]` per line, `#` comments;
-- the DHCP server's lease file (JSON written by services/dhcp): any object
-  with an address under "address" or "ip" and a name under "hostname" or
-  "name", found in a top-level list or in a list under "leases". Entries with
-  an "expires" time in the past are skipped.
+- the DHCP server's lease file (JSON written by services.dhcp.lease):
+  `{"leases": [{"address": ..., "hostname": ..., "expires": ..., "state": ...}]}`;
+  only leases in state "bound" that have not expired and carry a host name
+  are used.
 
 Names are single labels or names under the local domain; a bare label `nas`
 answers `nas.<domain>`. Bad lines and records are skipped and counted.
@@ -32,6 +32,7 @@ import dns.rrset
 log = logging.getLogger(__name__)
 
 LOCAL_TTL = 60
+LEASE_BOUND = "bound"  # services.dhcp.lease.BOUND
 
 
 class LocalNames:
@@ -137,20 +138,22 @@ class LocalNames:
             return
         now = time.time()
         for record in _records(data):
-            address = record.get("address", record.get("ip"))
-            hostname = record.get("hostname", record.get("name"))
+            address = record.get("address")
+            hostname = record.get("hostname")
             expires = record.get("expires")
             if not isinstance(address, str) or not isinstance(hostname, str):
                 self.skipped += 1
                 continue
-            if isinstance(expires, int | float) and expires < now:
+            if not hostname or record.get("state", LEASE_BOUND) != LEASE_BOUND:
+                continue
+            if not isinstance(expires, int | float) or expires < now:
                 continue
             yield address, hostname
 
 
 def _records(data: Any) -> Iterator[dict[str, Any]]:
     if isinstance(data, dict):
-        data = data.get("leases", list(data.values()))
+        data = data.get("leases")
     if isinstance(data, list):
         yield from (r for r in data if isinstance(r, dict))
 
