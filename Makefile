@@ -35,3 +35,8 @@ format: deps
 
 clean:
 	rm -rf build dist out .pytest_cache .mypy_cache .ruff_cache
+
+# tunnel throughput: iperf3 through moat beside veth and OpenVPN, as ratios
+BENCH_ARGS ?=
+bench: deps
+	$(PY) tools/bench_tunnel.py $(BENCH_ARGS)
