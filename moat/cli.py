@@ -31,6 +31,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "version": ("moat.version", "print the program version"),
     "tunnel": ("datapath.cli", "run a manually keyed ESP tunnel (TUN <-> ESP)"),
     "dns": ("services.dns.daemon", "DNS server: corporate secondary, forwarder, cache"),
+    "portal": ("portal.cli", "the portal: moat database, provisioning, registration"),
+    "register": ("portal.register", "register this moat with its portal over ssh"),
 }
 
 
