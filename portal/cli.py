@@ -101,9 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("key_type")
     p.add_argument("key")
 
-    p = sub.add_parser("sshd-config", help="print sshd_config lines for the portal")
+    p = sub.add_parser(
+        "sshd-config", help="write the key lookup script, print sshd_config lines"
+    )
     p.add_argument(
-        "--keys-command", default="", help="AuthorizedKeysCommand program (absolute)"
+        "--keys-command",
+        required=True,
+        help="where to write the AuthorizedKeysCommand script (absolute path"
+        " whose directories are root-owned)",
     )
     p.add_argument("--keys-user", default="nobody")
 
@@ -316,13 +321,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_register_session(args: argparse.Namespace) -> int:
     """Forced command: never a traceback to the moat, one JSON answer."""
-    from portal.db import NoSuchMoat
-    from portal.session import Refused, run_session
+    from portal.session import run_session
 
     try:
         db, settings = _open(args)
         answer = run_session(db, settings, args.id, dict(os.environ))
-    except (Refused, NoSuchMoat) as exc:
+    except MoatError as exc:
         print(json.dumps({"ok": False, "error": str(exc)}))
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -334,6 +338,7 @@ def cmd_authorized_keys(args: argparse.Namespace) -> int:
     """Print the authorized_keys line for a moat key, or nothing."""
     from portal.db import Database
     from portal.settings import load_settings
+    from portal.sshd import authorized_line
 
     settings = load_settings(args.db)
     if args.user != settings.ssh_user:
@@ -341,41 +346,18 @@ def cmd_authorized_keys(args: argparse.Namespace) -> int:
     moat_id = Database(args.db).id_for_key(args.key)
     if moat_id is None:
         return 0
-    command = f"{settings.register_command} --id {moat_id}"
-    options = f'restrict,command="{command}"'
-    print(f"{options} {args.key_type} {args.key}")
+    print(authorized_line(settings, moat_id, args.key_type, args.key))
     return 0
 
 
 def cmd_sshd_config(args: argparse.Namespace) -> int:
     from portal.settings import load_settings
+    from portal.sshd import sshd_config_lines, write_keys_script
 
     settings = load_settings(args.db)
-    keys_command = (
-        args.keys_command
-        or f"{sys.executable} -m moat portal --db {Path(args.db).resolve()}"
-    )
-    print(
-        "\n".join(
-            [
-                "# moat portal: registration only; keys come from the database",
-                f"AllowUsers {settings.ssh_user}",
-                "AuthorizedKeysFile none",
-                f"AuthorizedKeysCommand {keys_command} authorized-keys %u %t %k",
-                f"AuthorizedKeysCommandUser {args.keys_user}",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitTTY no",
-                "AllowTcpForwarding no",
-                "AllowAgentForwarding no",
-                "X11Forwarding no",
-                "PermitUserEnvironment no",
-                "UsePAM no",
-                "MaxStartups 200:30:1000",
-                "LogLevel VERBOSE",
-            ]
-        )
-    )
+    keys_command = Path(args.keys_command)
+    write_keys_script(settings, Path(args.db), keys_command)
+    print("\n".join(sshd_config_lines(settings, keys_command, args.keys_user)))
     return 0
 
 

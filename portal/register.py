@@ -180,7 +180,13 @@ def register_once(cfg: MoatConfig) -> dict[str, Any]:
         raise RegistrationFailed(f"ssh timed out after {SSH_TIMEOUT:.0f}s") from None
     if res.returncode == 255:
         raise RegistrationFailed(f"ssh: {res.stderr.strip() or 'connection failed'}")
-    answer = parse_answer(res.stdout)
+    try:
+        answer = parse_answer(res.stdout)
+    except RegistrationFailed as exc:
+        detail = res.stderr.strip().splitlines()[-1:] if res.stderr else []
+        raise RegistrationFailed(
+            f"{exc}{': ' if detail else ''}{''.join(detail)}"
+        ) from None
     write_tunnel_config(cfg, answer)
     signal_tunnel(cfg)
     log.info(

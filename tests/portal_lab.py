@@ -1,0 +1,104 @@
+"""A portal with a real OpenSSH sshd inside a test namespace.
+
+sshd demands that its AuthorizedKeysCommand and every directory above it be
+root-owned and not writable by group or others, which rules out /tmp; the
+site therefore lives in a fresh directory under /run, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from netns import Host, wait_for
+
+SSHD = "/usr/sbin/sshd"
+SSH_PORT = 2222
+
+
+def moat_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moat", *args]
+
+
+class PortalSite:
+    def __init__(
+        self, host: Host, address: str, networks: tuple[str, ...] = ()
+    ) -> None:
+        self.host = host
+        self.address = address
+        Path("/run").mkdir(exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="moat-portal-", dir="/run"))
+        self.dir.chmod(0o755)
+        self.db = self.dir / "db"
+        self.bundles = self.dir / "bundles"
+        self.keys_command = self.dir / "authorized-keys"
+        self.control = self.dir / "portal.sock"
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                str(self.dir / "hostkey"),
+            ],
+            check=True,
+        )
+        nets = [a for n in networks for a in ("--network", n)]
+        self.moat("init", "--endpoint", address, "--pool", "10.200.0.0/16",
+                  "--prefix", "28", "--host-key", str(self.dir / "hostkey.pub"),
+                  "--ssh-port", str(SSH_PORT), "--ssh-user", "root",
+                  "--control", str(self.control), *nets)  # fmt: skip
+        lines = self.moat("sshd-config", "--keys-command", str(self.keys_command),
+                          "--keys-user", "nobody").splitlines()  # fmt: skip
+        config = [
+            f"ListenAddress {address}:{SSH_PORT}",
+            f"HostKey {self.dir / 'hostkey'}",
+            f"PidFile {self.dir / 'sshd.pid'}",
+            *lines,
+        ]
+        (self.dir / "sshd_config").write_text("\n".join(config) + "\n")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        subprocess.run([SSHD, "-t", "-f", str(self.dir / "sshd_config")], check=True)
+        self.sshd_log = self.dir / "sshd.log"
+        self.sshd = host.popen(
+            SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config"),
+            stderr=self.sshd_log.open("w"),
+        )  # fmt: skip
+        wait_for(self._listening, timeout=20)
+
+    def _listening(self) -> bool:
+        res = self.host.run("ss", "-ltn", check=False)
+        return f"{self.address}:{SSH_PORT}" in res.stdout
+
+    def moat(self, *args: str) -> str:
+        res = subprocess.run(
+            moat_argv("portal", "--db", str(self.db), *args),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def add(self, moat_id: str, *extra: str) -> Path:
+        out = self.bundles / moat_id
+        self.moat("add", moat_id, "--email", f"{moat_id}@example.com",
+                  "--out", str(out), "--no-mail", *extra)  # fmt: skip
+        return out
+
+    def close(self) -> None:
+        if self.sshd.poll() is None:
+            self.sshd.terminate()
+            self.sshd.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,139 @@
+"""Registration through a real OpenSSH sshd, with the refusals that matter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netns import Host, Lab
+from portal_lab import SSH_PORT, PortalSite, moat_argv
+
+from portal.db import Database
+from portal.register import load_config, ssh_argv
+
+pytestmark = pytest.mark.netns
+
+PORTAL = "10.99.0.1"
+MOAT = "10.99.0.2"
+
+
+@pytest.fixture
+def site(lab: Lab) -> Iterator[tuple[PortalSite, Host]]:
+    portal = lab.host("portal")
+    moat = lab.host("moat")
+    lab.link(portal, "eth0", f"{PORTAL}/24", moat, "eth0", f"{MOAT}/24")
+    s = PortalSite(portal, PORTAL)
+    try:
+        yield s, moat
+    finally:
+        s.close()
+
+
+def register(moat: Host, bundle: Path) -> subprocess.CompletedProcess[str]:
+    return moat.run(*moat_argv("register", "--config", str(bundle / "moat.toml")),
+                    check=False, timeout=120)  # fmt: skip
+
+
+def raw_ssh(
+    moat: Host, bundle: Path, command: str, *opts: str
+) -> subprocess.CompletedProcess[str]:
+    argv = ssh_argv(load_config(bundle / "moat.toml"), None)
+    argv = [*argv[:-2], *opts, argv[-2], command]
+    return moat.run(*argv, check=False, timeout=60)
+
+
+def test_registration_and_refusals(
+    site: tuple[PortalSite, Host], tmp_path: Path
+) -> None:
+    s, moat = site
+    m1, m2, m3 = s.add("m1"), s.add("m2"), s.add("m3")
+    db = Database(s.db)
+
+    # the key lookup script and the Python lookup agree, run as nobody
+    blob = (m1 / "id_ed25519.pub").read_text().split()[1]
+    script = subprocess.run(
+        ["su", "-s", "/bin/sh", "nobody", "-c",
+         f"{s.keys_command} root ssh-ed25519 {blob}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    python = s.moat("authorized-keys", "root", "ssh-ed25519", blob)
+    assert script == python and "--id m1" in script and script.startswith("restrict,")
+
+    # registration: address from the connection, keys in the answer
+    t0 = time.monotonic()
+    res = register(moat, m1)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    print(f"registration through sshd took {took:.2f}s")
+    rec = db.get("m1")
+    assert str(rec.learned.address) == MOAT
+    tunnel = tomllib.loads((m1 / "tunnel.toml").read_text())
+    assert rec.sa is not None
+    assert tunnel["sa_out"]["spi"] == rec.sa.spi_to_portal
+    assert tunnel["sa_out"]["key"] == rec.sa.key_to_portal.hex()
+    assert tunnel["remote"] == PORTAL and tunnel["subnet"] == str(rec.subnet)
+    # a second registration rotates the keys and keeps the old inbound SA
+    assert register(moat, m1).returncode == 0
+    tunnel2 = tomllib.loads((m1 / "tunnel.toml").read_text())
+    assert tunnel2["generation"] == tunnel["generation"] + 1
+    assert tunnel2["sa_in_previous"] == tunnel["sa_in"]
+    assert tunnel2["sa_out"]["key"] != tunnel["sa_out"]["key"]
+
+    # a key not in the database is refused by sshd
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    for name in ("moat.toml", "known_hosts"):
+        (stranger / name).write_text((m1 / name).read_text())
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
+                    "-f", str(stranger / "id_ed25519")], check=True)  # fmt: skip
+    res = register(moat, stranger)
+    assert res.returncode != 0 and "Permission denied" in res.stderr
+
+    # command injection: refused, and nothing was executed
+    before = db.get("m1")
+    canary = tmp_path / "pwned"
+    for attack in (
+        f"register; touch {canary}",
+        f"register proto=1 $(touch {canary})",
+        f"register `touch {canary}`",
+        f"touch {canary}",
+        f"register proto=1 && touch {canary}",
+    ):
+        res = raw_ssh(moat, m1, attack)
+        answer = json.loads(res.stdout)
+        assert res.returncode == 1 and answer["ok"] is False, attack
+    assert not canary.exists()
+    assert db.get("m1") == before
+
+    # a moat cannot claim another's subnet or address: the claim is refused
+    # and its own record still shows the connection's address
+    for claim in (f"register subnet={db.get('m2').subnet}", "register address=10.99.0.9",
+                  "register id=m2"):  # fmt: skip
+        assert json.loads(raw_ssh(moat, m1, claim).stdout)["ok"] is False
+    assert db.get("m2").sa is None and db.get("m2").learned.address is None
+
+    # restrict: no PTY, no (remote) port forwarding
+    res = raw_ssh(moat, m1, "register", "-o", "ExitOnForwardFailure=yes",
+                  "-R", "127.0.0.1:9999:127.0.0.1:22")  # fmt: skip
+    assert res.returncode == 255
+    res = raw_ssh(moat, m1, "register", "-tt")
+    assert "PTY allocation request failed" in res.stderr or res.returncode != 0
+
+    # a corrupt record is refused cleanly while the others keep working
+    (s.db / "moats" / "m3.toml").write_text("version = [broken\n")
+    res = register(moat, m3)
+    assert res.returncode != 0 and "not valid TOML" in res.stderr
+    assert register(moat, m2).returncode == 0
+    assert str(db.get("m2").learned.address) == MOAT
+
+    # the moat pins the portal's host key: another key is refused
+    (m2 / "known_hosts").write_text(
+        f"[{PORTAL}]:{SSH_PORT} " + (stranger / "id_ed25519.pub").read_text()
+    )
+    res = register(moat, m2)
+    assert res.returncode != 0 and "Host key verification failed" in res.stderr
