@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "dns": ("services.dns.daemon", "DNS server: corporate secondary, forwarder, cache"),
     "portal": ("portal.cli", "the portal: moat database, provisioning, registration"),
     "register": ("portal.register", "register this moat with its portal over ssh"),
+    "ota": ("ota.cli", "signed updates: repository, check, install, status"),
 }
 
 
