@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "portal": ("portal.cli", "the portal: moat database, provisioning, registration"),
     "register": ("portal.register", "register this moat with its portal over ssh"),
     "ota": ("ota.cli", "signed updates: repository, check, install, status"),
+    "dhcpd": ("services.dhcp.dhcpd", "DHCP server for the private side"),
 }
 
 
