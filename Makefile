@@ -40,3 +40,7 @@ clean:
 BENCH_ARGS ?=
 bench: deps
 	$(PY) tools/bench_tunnel.py $(BENCH_ARGS)
+
+# five namespaces (LAN client, moat, internet, portal, corporate host), fresh keys
+demo: deps
+	$(PY) tools/demo.py
