@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "register": ("portal.register", "register this moat with its portal over ssh"),
     "ota": ("ota.cli", "signed updates: repository, check, install, status"),
     "dhcpd": ("services.dhcp.dhcpd", "DHCP server for the private side"),
+    "console": ("ota.console", "serial console recovery menu (ttyS0)"),
 }
 
 
