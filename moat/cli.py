@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "ota": ("ota.cli", "signed updates: repository, check, install, status"),
     "dhcpd": ("services.dhcp.dhcpd", "DHCP server for the private side"),
     "console": ("ota.console", "serial console recovery menu (ttyS0)"),
+    "ntpd": ("services.ntp.daemon", "NTP client of the portal and server for the LAN"),
 }
 
 
