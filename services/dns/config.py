@@ -26,7 +26,7 @@ size = 10000
 [local]
 domain = "lan"
 hosts_file = "/etc/moat/hosts"    # ADDRESS NAME... lines
-lease_file = "/var/lib/moat/dhcpd.leases"  
+lease_file = "/var/lib/moat/dhcpd.leases"  # written by moat dhcpd
 """
 
 from __future__ import annotations
