@@ -37,6 +37,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "dhcpd": ("services.dhcp.dhcpd", "DHCP server for the private side"),
     "console": ("ota.console", "serial console recovery menu (ttyS0)"),
     "ntpd": ("services.ntp.daemon", "NTP client of the portal and server for the LAN"),
+    "dhcpc": ("services.dhcp.dhcpc", "DHCP client for the wild side, with a hook"),
 }
 
 
