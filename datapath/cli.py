@@ -24,7 +24,7 @@ from datapath.esp import EspError, InboundSA, OutboundSA, SAConfig
 from datapath.loop import ControlServer, EventLoop, query
 from datapath.outer import OuterSocket, RawEspSocket, UdpSocket
 from datapath.selector import Selectors
-from datapath.tun import Tun
+from datapath.tun import MAX_PACKET, Tun
 from datapath.tunnel import Datapath, Peer, mtu_policy_factory
 from moat.errors import ConfigError, MoatError
 
@@ -123,6 +123,15 @@ def build_peer(cfg: TunnelConfig) -> Peer:
     )
 
 
+def default_tun_mtu(peer: Peer) -> int:
+    """TUN MTU when the config gives none: what the MTU policy can take."""
+    if peer.mtu_policy_name in ("virtual-large", "aggfrag"):
+        return MAX_PACKET  # any packet crosses: a virtually large MTU
+    if peer.mtu_policy_name in ("classic", "clamp-mss"):
+        return peer.outer_mtu  # larger packets reach the policy's ICMP
+    return peer.inner_mtu
+
+
 class Tunnel:
     """The running `moat tunnel`: TUN device, one socket, one peer."""
 
@@ -140,7 +149,7 @@ class Tunnel:
         control: ControlServer | None = None
         try:
             sock = self._open_socket()
-            mtu = cfg.tun.mtu or self.peer.inner_mtu
+            mtu = cfg.tun.mtu or default_tun_mtu(self.peer)
             tun.set_mtu(mtu)
             tun.set_txqueuelen(cfg.tun.txqueuelen)
             for address in cfg.tun.addresses:

@@ -4,7 +4,8 @@
     name = "portal"               # peer name in logs and status
     encapsulation = "udp"         # udp (RFC 3948, UDP/4500) or esp (IP protocol 50)
     keepalive = 20                # NAT keepalive after this many idle seconds; 0 = off
-    mtu_policy = "plain"          # how inner packets larger than the path are handled
+    mtu_policy = "virtual-large"  # inner packets larger than the path: virtual-large
+                                  # (AGGFRAG), clamp-mss, classic (ICMP) or plain
     rekey_grace = 30              # seconds an old inbound SA is kept after a reload
     control_socket = "/run/moat/tunnel.sock"
     state_dir = "/var/lib/moat/tunnel"   # outbound sequence high-water marks
@@ -82,7 +83,8 @@ TRANSFORM_KEYS: dict[str, tuple[tuple[int, ...], int]] = {
 
 # mtu policies; "plain" is the built-in one (the TUN MTU keeps inner packets
 # small enough). Others are provided by datapath modules that register them.
-MTU_POLICIES = ("plain", "classic", "clamp-mss", "aggfrag")
+MTU_POLICIES = ("virtual-large", "clamp-mss", "classic", "plain", "aggfrag")
+DEFAULT_MTU_POLICY = "virtual-large"
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class TunnelConfig:
     sa_in: SASpec
     sa_out: SASpec
     keepalive: float = DEFAULT_KEEPALIVE
-    mtu_policy: str = "plain"
+    mtu_policy: str = DEFAULT_MTU_POLICY
     rekey_grace: float = 30.0
     control_socket: str = DEFAULT_CONTROL_SOCKET
     state_dir: str = ""
@@ -328,7 +330,7 @@ def parse(text: str, source: str = "") -> TunnelConfig:
     name = tunnel.string("name", "peer")
     encapsulation = tunnel.choice("encapsulation", ENCAPSULATIONS, "udp")
     keepalive = tunnel.number("keepalive", 0, 3600, DEFAULT_KEEPALIVE)
-    mtu_policy = tunnel.choice("mtu_policy", MTU_POLICIES, "plain")
+    mtu_policy = tunnel.choice("mtu_policy", MTU_POLICIES, DEFAULT_MTU_POLICY)
     rekey_grace = tunnel.number("rekey_grace", 0, 3600, 30.0)
     control_socket = tunnel.string("control_socket", DEFAULT_CONTROL_SOCKET)
     state_dir = tunnel.string("state_dir", "")

@@ -55,7 +55,6 @@ class NoReply(enum.StrEnum):
     MULTICAST = "multicast"
     BAD_SOURCE = "bad_source"
     RATE_LIMITED = "rate_limited"
-    NO_LOCAL_ADDRESS = "no_local_address"
 
 
 class TokenBucket:
@@ -91,6 +90,9 @@ class TooBig:
 
     `local_v4`/`local_v6` are the source addresses of the replies (the
     moat's own inner address: the sender sees the tunnel as a router hop).
+    Without one, the reply comes from the offending packet's destination,
+    which always passes the reverse-path filter of the box writing it to
+    its TUN device (the destination is routed through the tunnel).
     """
 
     def __init__(
@@ -151,8 +153,6 @@ class TooBig:
             return NoReply.BAD_SOURCE
         if src == ipaddress.IPv4Address("255.255.255.255"):
             return NoReply.BAD_SOURCE
-        if self.local_v4 is None:
-            return NoReply.NO_LOCAL_ADDRESS
         return None
 
     def _check_v6(self, packet: bytes, mtu: int) -> NoReply | None:
@@ -177,14 +177,12 @@ class TooBig:
             return NoReply.MULTICAST
         if src.is_multicast or src.is_unspecified or src.is_loopback:
             return NoReply.BAD_SOURCE
-        if self.local_v6 is None:
-            return NoReply.NO_LOCAL_ADDRESS
         return None
 
     # -- builders -----------------------------------------------------------
 
     def _build_v4(self, packet: bytes, mtu: int) -> bytes:
-        assert self.local_v4 is not None
+        src = self.local_v4.packed if self.local_v4 else packet[16:20]
         quoted = packet[: IPV4_ERROR_MAX - IPV4_HEADER - ICMP_HEADER]
         mtu = max(min(mtu, 0xFFFF), IPV4_MIN_MTU)
         # RFC 1191 §4: unused (16) | Next-Hop MTU (16)
@@ -197,7 +195,7 @@ class TooBig:
         header = struct.pack(
             "!BBHHHBBH4s4s",
             0x45, 0, total, 0, 0, DEFAULT_TTL, PROTO_ICMP, 0,
-            self.local_v4.packed, packet[12:16],
+            src, packet[12:16],
         )  # fmt: skip
         header = (
             header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
@@ -205,12 +203,12 @@ class TooBig:
         return header + icmp
 
     def _build_v6(self, packet: bytes, mtu: int) -> bytes:
-        assert self.local_v6 is not None
         quoted = packet[: IPV6_ERROR_MAX - IPV6_HEADER - ICMP_HEADER]
         # an MTU below 1280 cannot be reported (RFC 8201 §4): say 1280
         mtu = max(mtu, IPV6_MIN_MTU)
         icmp = struct.pack("!BBHI", ICMPV6_PACKET_TOO_BIG, 0, 0, mtu) + quoted
-        src, dst = self.local_v6.packed, packet[8:24]
+        src = self.local_v6.packed if self.local_v6 else packet[24:40]
+        dst = packet[8:24]
         pseudo = src + dst + struct.pack("!I3xB", len(icmp), PROTO_ICMPV6)
         checksum = internet_checksum(pseudo + icmp)
         icmp = icmp[:2] + struct.pack("!H", checksum) + icmp[4:]

@@ -29,7 +29,7 @@ from typing import Any
 
 from datapath.outer import Address, OuterSocket
 from datapath.tun import MAX_PACKET, Tun
-from datapath.tunnel import Datapath
+from datapath.tunnel import Datapath, Peer, esp_space
 from datapath.udpencap import NAT_KEEPALIVE, NON_ESP_MARKER
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ class EventLoop:
             try:
                 packet = read(fd, MAX_PACKET)
             except BlockingIOError:
+                # queue empty: nothing may wait in a half-filled payload
+                self.dp.tun_drained(now)
                 break
             outbound(packet, now)
         self._flush(now)
@@ -204,7 +206,10 @@ class EventLoop:
             if sock is None:
                 dp.counters["tx_no_socket"] += len(peer.tx_queue)
             else:
+                too_big = sock.counters["tx_emsgsize"]
                 sock.send(peer.tx_queue, peer.endpoint)
+                if sock.counters["tx_emsgsize"] != too_big:
+                    dp.emsgsize(peer, _outer_size(peer), now)
             dp.sent(peer, now)
         dp.dirty.clear()
 
@@ -255,6 +260,16 @@ class EventLoop:
                 self.counters[key] += 1
         self.counters["tun_tx"] += len(queue)
         queue.clear()
+
+
+def _outer_size(peer: Peer) -> int:
+    """Outer packet size of the largest packet queued for `peer`."""
+    largest = max((len(p) for p in peer.tx_queue), default=0)
+    return (
+        peer.outer_mtu
+        - esp_space(peer.outer_mtu, peer.ip_version, peer.encapsulation)
+        + largest
+    )
 
 
 def _drain(sock: socket.socket) -> None:

@@ -82,6 +82,7 @@ class MtuContext:
     out_sa: OutboundSA  # max_payload(esp_space) gives the room for a payload
     selectors: Selectors | None  # inbound check of inner packets it reassembles
     to_tun: Callable[[bytes], None]  # sends a packet toward the inner side
+    outer_mtu: int = 1500  # configured outer path MTU (the probing ceiling)
 
 
 class MtuPolicy(Protocol):
@@ -91,9 +92,14 @@ class MtuPolicy(Protocol):
     payloads to seal, with their next header (4, 41 or 144): the packet
     unchanged, an AGGFRAG payload, or nothing while it packs. `inbound` gets
     every authenticated ESP payload (with next header 144: unchecked, it must
-    check each inner packet against the selectors) and returns inner packets
-    for the TUN device. `poll` runs about once a second and may return
-    payloads that became due (e.g. a partly filled AGGFRAG payload).
+    check each inner packet against the selectors; `spi` names the inbound
+    SA, whose sequence numbers AGGFRAG reassembly follows) and returns inner
+    packets for the TUN device. `poll` runs about once a second, after each
+    packet received from the peer and whenever the TUN queue is empty; it
+    returns payloads due now (a partly filled AGGFRAG payload, probes).
+    Optional: `on_emsgsize(size, now)` (an outer packet was too big for the
+    local stack) and `switch_out(ctx)` (new outbound SA after a rekey; without
+    it the policy is rebuilt).
     """
 
     def outbound(
@@ -101,7 +107,7 @@ class MtuPolicy(Protocol):
     ) -> Iterable[tuple[bytes, int]]: ...
 
     def inbound(
-        self, next_header: int, payload: bytes, seq: int, now: float
+        self, next_header: int, payload: bytes, seq: int, now: float, spi: int
     ) -> Iterable[bytes]: ...
 
     def poll(self, now: float) -> Iterable[tuple[bytes, int]]: ...
@@ -113,7 +119,8 @@ class MtuPolicy(Protocol):
 MTU_POLICIES: dict[str, Callable[[MtuContext], MtuPolicy]] = {}
 # name -> module that registers it when imported
 MTU_POLICY_MODULES: dict[str, str] = {
-    "aggfrag": "datapath.aggfrag",
+    "virtual-large": "datapath.mtu",
+    "aggfrag": "datapath.mtu",
     "classic": "datapath.mtu",
     "clamp-mss": "datapath.mtu",
 }
@@ -299,6 +306,7 @@ class Datapath:
         self.routes = RouteTable()
         self.spis: dict[int, _Inbound] = {}  # the SA database for receive
         self.dirty: list[Peer] = []  # peers with packets in tx_queue
+        self.packing: dict[str, Peer] = {}  # policies that may hold a payload
         self.tun_queue: list[bytes] = []  # inner packets for the TUN device
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
@@ -361,16 +369,18 @@ class Datapath:
         if factory is None:
             peer.mtu_policy = None
             return
+        peer.mtu_policy = factory(self._context(peer))
+
+    def _context(self, peer: Peer) -> MtuContext:
         space = esp_space(peer.outer_mtu, peer.ip_version, peer.encapsulation)
-        peer.mtu_policy = factory(
-            MtuContext(
-                peer=peer.name,
-                inner_mtu=peer.inner_mtu,
-                esp_space=space,
-                out_sa=peer.out_sa,
-                selectors=peer.in_sa.selectors,
-                to_tun=self._to_tun,
-            )
+        return MtuContext(
+            peer=peer.name,
+            inner_mtu=peer.inner_mtu,
+            esp_space=space,
+            out_sa=peer.out_sa,
+            selectors=peer.in_sa.selectors,
+            to_tun=self._to_tun,
+            outer_mtu=peer.outer_mtu,
         )
 
     def rekey(
@@ -408,11 +418,19 @@ class Datapath:
 
     def _switch_out(self, peer: Peer, out_sa: OutboundSA, now: float) -> None:
         old_spi = peer.out_sa.cfg.spi
+        policy = peer.mtu_policy
+        if policy is not None:
+            # pieces of one AGGFRAG packet never span two SAs (RFC 9347 §2.2.3)
+            self._policy_poll(peer, now)
         peer.out_sa = out_sa
         peer.pending_out = None
         peer.rekey_warned = False
-        if peer.mtu_policy is not None:
-            self._attach_policy(peer)
+        if policy is not None:
+            switch = getattr(policy, "switch_out", None)
+            if switch is None:
+                self._attach_policy(peer)
+            else:
+                switch(self._context(peer))
         self._retire_old_inbound(peer, now)
         log.info("peer %s: outbound SPI %#x -> %#x", peer.name, old_spi, out_sa.cfg.spi)
 
@@ -452,6 +470,7 @@ class Datapath:
         if peer.mtu_policy is not None:
             for payload, nh in peer.mtu_policy.outbound(packet, next_header, now):
                 self._seal(peer, payload, nh)
+            self.packing[peer.name] = peer
             return
         try:
             esp = peer.out_sa.seal(packet, next_header)
@@ -472,6 +491,24 @@ class Datapath:
         if not peer.tx_queue:
             self.dirty.append(peer)
         peer.tx_queue.append(esp)
+
+    def tun_drained(self, now: float) -> None:
+        """The TUN queue is empty: policies send what they hold (no waiting)."""
+        for peer in self.packing.values():
+            self._policy_poll(peer, now)
+        self.packing.clear()
+
+    def _policy_poll(self, peer: Peer, now: float) -> None:
+        if peer.mtu_policy is not None:
+            for payload, nh in peer.mtu_policy.poll(now):
+                self._seal(peer, payload, nh)
+
+    def emsgsize(self, peer: Peer, size: int, now: float) -> None:
+        """An outer packet of `size` bytes to `peer` failed with EMSGSIZE."""
+        peer.counters["tx_emsgsize"] += 1
+        hook = getattr(peer.mtu_policy, "on_emsgsize", None)
+        if hook is not None:
+            hook(size, now)
 
     def sent(self, peer: Peer, now: float) -> None:
         """The loop has handed `peer.tx_queue` to the socket."""
@@ -500,8 +537,11 @@ class Datapath:
 
         if peer.mtu_policy is not None:
             self.tun_queue.extend(
-                peer.mtu_policy.inbound(next_header, payload, seq, now)
+                peer.mtu_policy.inbound(
+                    next_header, payload, seq, now, entry.sa.cfg.spi
+                )
             )
+            self._policy_poll(peer, now)
         elif next_header in (NEXT_HEADER_IPV4, NEXT_HEADER_IPV6):
             self.tun_queue.append(payload)
         elif next_header == NEXT_HEADER_AGGFRAG:
@@ -566,9 +606,7 @@ class Datapath:
                     peer.out_sa.cfg.spi,
                     peer.out_sa.seq,
                 )
-            if peer.mtu_policy is not None:
-                for payload, nh in peer.mtu_policy.poll(now):
-                    self._seal(peer, payload, nh)
+            self._policy_poll(peer, now)
             if now >= peer._next_warn:
                 self._warn_violations(peer, now)
 

@@ -62,7 +62,7 @@ def test_good_file_parses() -> None:
     assert cfg.sa_in.key == bytes.fromhex(KEY_IN)
     assert cfg.sa_in.esn is True and cfg.sa_out.esn is False
     assert cfg.sa_out.replay_window == 4096
-    assert cfg.mtu_policy == "plain"
+    assert cfg.mtu_policy == "virtual-large"
 
 
 def test_load_reads_a_file(tmp_path: Path) -> None:

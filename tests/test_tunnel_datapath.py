@@ -361,7 +361,7 @@ class Recorder:
         return [(packet, next_header)]
 
     def inbound(
-        self, next_header: int, payload: bytes, seq: int, now: float
+        self, next_header: int, payload: bytes, seq: int, now: float, spi: int
     ) -> list[bytes]:
         self.seen.append(("in", seq))
         return [payload]
