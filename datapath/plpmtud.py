@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 IPV4_SAFE_MTU = 576  # every IPv4 host accepts it (RFC 791); the base for IPv4
 IPV6_MIN_MTU = 1280  # RFC 8200 §5; the base for IPv6
 DEFAULT_MAX_PROBES = 3  # RFC 8899 §5.1.2
-DEFAULT_PROBE_TIMEOUT = 1.0  # the peer echoes at once: a few RTTs is plenty
+DEFAULT_PROBE_TIMEOUT = 1.0  # ceiling; the peer echoes at once, so the timeout
+MIN_PROBE_TIMEOUT = 0.2  # is 4 x the smoothed echo round trip within these
+RTT_GAIN = 0.125  # smoothing of the echo round trip (as RFC 6298 SRTT)
 DEFAULT_CONFIRM_INTERVAL = 30.0
 DEFAULT_RAISE_INTERVAL = 600.0  # RFC 8899 PMTU_RAISE_TIMER
 DEFAULT_GRANULARITY = 8
@@ -113,7 +115,8 @@ class Plpmtud:
         self._target = base  # size being probed
         self._attempts = 0
         self._tvals = itertools.count(1)
-        self._sent: dict[int, int] = {}  # tval -> size, the last few probes
+        self._sent: dict[int, tuple[int, float]] = {}  # tval -> (size, sent at)
+        self.srtt: float | None = None  # smoothed probe echo round trip
         self._outstanding: int | None = None  # tval awaiting an echo
         self._deadline = 0.0  # when to send the next probe or give up
         self._next_confirm = 0.0
@@ -147,10 +150,15 @@ class Plpmtud:
 
     def on_echo(self, techo: int, now: float) -> None:
         """The peer echoed TVal `techo`: a packet of that probe's size arrived."""
-        size = self._sent.pop(techo, None)
-        if size is None:
+        sent = self._sent.pop(techo, None)
+        if sent is None:
             self.counters["echo_unknown"] += 1
             return
+        size, sent_at = sent
+        rtt = max(0.0, now - sent_at)
+        self.srtt = (
+            rtt if self.srtt is None else self.srtt + RTT_GAIN * (rtt - self.srtt)
+        )
         self.counters["echo"] += 1
         if techo == self._outstanding:
             self._outstanding = None
@@ -168,12 +176,17 @@ class Plpmtud:
             )
             self.plpmtu = max(limit, 68)
             self.lo = min(self.lo, self.plpmtu)
-        if (
-            self._outstanding is not None
-            and self._sent.get(self._outstanding, 0) > limit
-        ):
+        probing = self._sent.get(self._outstanding or 0)
+        if self._outstanding is not None and probing and probing[0] > limit:
             self._outstanding = None
             self._size_failed(self._target, now)
+
+    @property
+    def current_timeout(self) -> float:
+        """How long a probe may go unanswered: 4 echo round trips, bounded."""
+        if self.srtt is None:
+            return self.probe_timeout
+        return min(self.probe_timeout, max(MIN_PROBE_TIMEOUT, 4 * self.srtt))
 
     def next_timer(self) -> float:
         return self._deadline
@@ -182,6 +195,7 @@ class Plpmtud:
         return {
             "state": str(self.state),
             "plpmtu": self.plpmtu,
+            "srtt_ms": None if self.srtt is None else round(self.srtt * 1000, 2),
             "probing": self._target if self._outstanding is not None else None,
             "counters": dict(self.counters),
         }
@@ -190,12 +204,12 @@ class Plpmtud:
 
     def _send(self, now: float) -> Probe:
         tval = next(self._tvals) & 0xFFFFFFFF or next(self._tvals)
-        self._sent[tval] = self._target
+        self._sent[tval] = (self._target, now)
         while len(self._sent) > SENT_PROBES_KEPT:
             del self._sent[next(iter(self._sent))]
         self._outstanding = tval
         self._attempts += 1
-        self._deadline = now + self.probe_timeout
+        self._deadline = now + self.current_timeout
         self.counters["probe_sent"] += 1
         return Probe(tval, self._target)
 
