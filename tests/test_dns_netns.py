@@ -326,6 +326,7 @@ print("ready", flush=True)
 while True:
     wire, peer = sock.recvfrom(4096)
     q = dns.message.from_wire(wire)
+    print(peer[1], q.id, flush=True)
     def answer(addr, qid=None, name=None):
         asked = q
         if name is not None:
@@ -391,3 +392,39 @@ def test_forwarder_ignores_spoofed_replies(
             and st["upstream"].get("upstream_wrong_question") == 1
         ),
     )
+
+    # every upstream query has its own random source port and ID
+    seen = [spoofer.stdout.readline().split()]
+    for i in range(4):
+        assert "203.0.113.9" in dig(client, f"h{i}.example.net")
+        seen.append(spoofer.stdout.readline().split())
+    ports, ids = {p for p, _ in seen}, {q for _, q in seen}
+    assert len(ports) == 5 and len(ids) == 5, seen
+
+    # garbage on UDP and TCP: counted drops or FORMERR; the server keeps answering
+    client.run(sys.executable, "-c", GARBAGE_SCRIPT, MOAT_LAN)
+    assert "203.0.113.9" in dig(client, "after.example.net")
+    st = status(moat, moat_cmd, cfg)["queries"]
+    assert st.get("servfail_internal", 0) == 0, st
+
+
+GARBAGE_SCRIPT = """\
+import random, socket, sys
+rng = random.Random(4)
+server = sys.argv[1]
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+query = bytes.fromhex("abcd01000001000000000000" "0377777704636f7270000001" "0001")
+for i in range(300):
+    if i % 2:
+        data = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+    else:
+        data = bytearray(query)
+        for _ in range(3):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        data = bytes(data[: rng.randrange(len(data) + 1)])
+    udp.sendto(data, (server, 53))
+for payload in (b"\\x00\\x05hello", b"\\xff\\xff" + bytes(100), b"\\x00"):
+    tcp = socket.create_connection((server, 53), timeout=3)
+    tcp.sendall(payload)
+    tcp.close()
+"""

@@ -190,7 +190,7 @@ def test_ntpd_ignores_control_and_garbage(
             status_file = "{tmp_path}/ntp.json"
             """)
     )
-    spawn_logged(
+    proc = spawn_logged(
         moat,
         tmp_path / "moat-ntpd.log",
         *moat_cmd,
@@ -229,3 +229,7 @@ def test_ntpd_ignores_control_and_garbage(
     )
     assert st["server"]["drop_mode_6"] == 1 and st["server"]["drop_mode_7"] == 1
     assert st["server"]["drop_short"] == 1 and st["server"]["drop_mode_other"] == 1
+
+    # SIGTERM: a clean stop
+    proc.terminate()
+    assert proc.wait(10) == 0

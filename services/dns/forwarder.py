@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_PAYLOAD = 1232
 MAX_INFLIGHT = 512
+# source ports drawn for upstream queries (RFC 5452 §9.2: as many as possible)
+SOURCE_PORT_LOW = 1024
+SOURCE_PORT_HIGH = 65535
+PORT_ATTEMPTS = 16
 
 
 class _ReplyProtocol(asyncio.DatagramProtocol):
@@ -131,12 +135,14 @@ class Forwarder:
         query.flags |= dns.flags.RD
         self.counters["upstream_queries"] += 1
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in resolver[0] else socket.AF_INET
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _ReplyProtocol(self, resolver, query.id, question),
-            family=family,
-            local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0),
-        )
+        sock = _random_port_socket(resolver[0])
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: _ReplyProtocol(self, resolver, query.id, question), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
         try:
             transport.sendto(query.to_wire(), resolver)
             reply = await asyncio.wait_for(protocol.reply, self.timeout)
@@ -168,3 +174,21 @@ class Forwarder:
             log.info("upstream %s over TCP failed: %s", resolver[0], exc)
             return None
         return reply
+
+
+def _random_port_socket(resolver: str) -> socket.socket:
+    """A UDP socket on a source port drawn at random (RFC 5452 §9.2)."""
+    family = socket.AF_INET6 if ":" in resolver else socket.AF_INET
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    span = SOURCE_PORT_HIGH - SOURCE_PORT_LOW + 1
+    for _ in range(PORT_ATTEMPTS):
+        port = SOURCE_PORT_LOW + secrets.randbelow(span)
+        try:
+            sock.bind((wildcard, port))
+            return sock
+        except OSError:
+            continue  # in use: draw again
+    sock.bind((wildcard, 0))  # the kernel's own random choice
+    return sock
