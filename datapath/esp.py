@@ -101,6 +101,15 @@ class Opened(NamedTuple):
 
 _new_opened = tuple.__new__  # skips NamedTuple's Python-level __new__
 
+# pad length -> the padding and pad length bytes a trailer must end with
+_PADDING_TAILS = tuple(PADDING[:n] + bytes((n,)) for n in range(256))
+
+# next header -> (IP version, minimum header size) of the inner packet
+_INNER_HEADERS = {
+    NEXT_HEADER_IPV4: (4, IPV4_HEADER_SIZE),
+    NEXT_HEADER_IPV6: (6, IPV6_HEADER_SIZE),
+}
+
 
 @dataclass(frozen=True)
 class SAConfig:
@@ -206,8 +215,9 @@ class InboundSA:
         )
         self.replay = ReplayWindow(cfg.replay_window, cfg.esn)
         self.selectors = selectors
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.ok = 0  # packets that passed every check
         self.last_received: float | None = None  # `now` of the last good packet
+        self._drops: collections.Counter[str] = collections.Counter()
         self._min_size = self.transform.min_packet_size
         self._open_transform = self.transform.open
         log.info(
@@ -219,8 +229,15 @@ class InboundSA:
             selectors,
         )
 
+    @property
+    def counters(self) -> collections.Counter[str]:
+        """Drops by reason, and "ok" (a snapshot)."""
+        counters = collections.Counter(self._drops)
+        counters["ok"] = self.ok
+        return counters
+
     def _drop(self, reason: Drop) -> Drop:
-        self.counters[reason] += 1
+        self._drops[reason] += 1
         return reason
 
     def open(self, packet: bytes, now: float) -> Opened | Drop:
@@ -243,40 +260,31 @@ class InboundSA:
             return self._drop(Drop.ICV)
         replay.update(seq)
 
-        # trailer (RFC 4303 §2.4-2.6)
+        # trailer: padding 1, 2, 3, ..., pad length (RFC 4303 §2.4, §2.5);
+        # a pad length longer than the plaintext fails the same test
         pad_length = plaintext[-2]
+        if not plaintext.endswith(_PADDING_TAILS[pad_length], 0, -1):
+            return self._drop(Drop.BAD_PADDING)
         next_header = plaintext[-1]
-        end = len(plaintext) - ESP_TRAILER_SIZE - pad_length
-        if end < 0:
-            return self._drop(Drop.BAD_PADDING)
-        if pad_length and plaintext[end:-ESP_TRAILER_SIZE] != PADDING[:pad_length]:
-            return self._drop(Drop.BAD_PADDING)
-        payload = plaintext[:end]
+        payload = plaintext[: len(plaintext) - ESP_TRAILER_SIZE - pad_length]
 
-        # next header and inner packet (RFC 4301 §5.2)
-        if next_header in (NEXT_HEADER_IPV4, NEXT_HEADER_IPV6):
-            drop = self._check_inner(payload, next_header)
-            if drop is not None:
-                return self._drop(drop)
+        # next header, inner header, selectors (RFC 4301 §5.2)
+        inner = _INNER_HEADERS.get(next_header)
+        if inner is not None:
+            version, min_size = inner
+            if len(payload) < min_size or payload[0] >> 4 != version:
+                return self._drop(Drop.BAD_INNER)
+            selectors = self.selectors
+            if selectors is not None and not selectors.permits_inbound(payload):
+                return self._drop(Drop.SELECTOR)
         elif next_header == NEXT_HEADER_NONE:
             return self._drop(Drop.DUMMY)
         elif next_header != NEXT_HEADER_AGGFRAG:
             return self._drop(Drop.BAD_NEXT_HEADER)
 
-        self.counters["ok"] += 1
+        self.ok += 1
         self.last_received = now
         return _new_opened(Opened, (next_header, payload, seq))
-
-    def _check_inner(self, payload: bytes, next_header: int) -> Drop | None:
-        if next_header == NEXT_HEADER_IPV4:
-            version, min_size = 4, IPV4_HEADER_SIZE
-        else:
-            version, min_size = 6, IPV6_HEADER_SIZE
-        if len(payload) < min_size or payload[0] >> 4 != version:
-            return Drop.BAD_INNER
-        if self.selectors is not None and not self.selectors.permits_inbound(payload):
-            return Drop.SELECTOR
-        return None
 
 
 class SADB:

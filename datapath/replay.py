@@ -72,22 +72,43 @@ class ReplayWindow:
     def _set_seen(self, seq: int) -> None:
         self._words[(seq >> WORD_SHIFT) & self._ring_mask] |= 1 << (seq & BIT_MASK)
 
-    def infer_seq(self, seq_lo: int) -> int:
-        """The full sequence number for `seq_lo`, or TOO_OLD if it has none.
+    def check(self, seq_lo: int) -> int:
+        """Pre-check a received low sequence half, before the ICV.
 
-        Without ESN the wire value is the number. With ESN, RFC 4303 A2.2:
-        when the window lies within one 2^32 subspace (case A) a low half
-        below the window's bottom means the counter wrapped forward; when the
-        window straddles a wrap (case B) a low half at or above the bottom
-        belongs to the previous subspace.
+        Returns the full sequence number to verify the ICV with (with ESN
+        the inferred one), or DUPLICATE / TOO_OLD. Changes nothing.
         """
-        if not self.esn:
-            return seq_lo
         top = self.top
-        top_lo = top & SEQ_LO_MASK
+        if not self.esn:
+            seq = seq_lo
+        elif seq_lo > (top_lo := top & SEQ_LO_MASK) >= self.size - 1:
+            # the common case: window in one subspace (case A below), packet
+            # to its right in the same subspace
+            return top - top_lo + seq_lo
+        else:
+            seq = self.infer_seq(seq_lo)
+
+        if seq > top:
+            return seq
+        if seq + self.size <= top or seq <= 0:
+            # sequence number 0 is never sent (RFC 4303 §3.3.3)
+            return TOO_OLD
+        if self._words[(seq >> WORD_SHIFT) & self._ring_mask] >> (seq & BIT_MASK) & 1:
+            return DUPLICATE
+        return seq
+
+    def infer_seq(self, seq_lo: int) -> int:
+        """The full sequence number for a received low half (ESN), or TOO_OLD.
+
+        RFC 4303 A2.2: when the window lies within one 2^32 subspace (case
+        A), a low half below its bottom means the counter wrapped forward;
+        when the window straddles a wrap (case B), a low half at or above the
+        bottom belongs to the previous subspace.
+        """
+        top = self.top
         top_hi = top >> SEQ_LO_BITS
         bottom_lo = (top - self.size + 1) & SEQ_LO_MASK
-        if top_lo >= self.size - 1:  # case A
+        if top & SEQ_LO_MASK >= self.size - 1:  # case A
             seq_hi = top_hi if seq_lo >= bottom_lo else top_hi + 1
         else:  # case B
             seq_hi = top_hi - 1 if seq_lo >= bottom_lo else top_hi
@@ -95,33 +116,14 @@ class ReplayWindow:
             return TOO_OLD
         return seq_hi << SEQ_LO_BITS | seq_lo
 
-    def check(self, seq_lo: int) -> int:
-        """Pre-check a received low sequence half, before the ICV.
-
-        Returns the (inferred) full sequence number to verify the ICV with,
-        or DUPLICATE / TOO_OLD. Changes nothing.
-        """
-        seq = self.infer_seq(seq_lo)
-        if seq <= 0:
-            # sequence number 0 is never sent (RFC 4303 §3.3.3)
-            return TOO_OLD
-        top = self.top
-        if seq > top:
-            return seq
-        if seq + self.size <= top:
-            return TOO_OLD
-        word = self._words[(seq >> WORD_SHIFT) & self._ring_mask]
-        if word >> (seq & BIT_MASK) & 1:
-            return DUPLICATE
-        return seq
-
     def update(self, seq: int) -> None:
         """Record `seq` (from `check`) as seen, after its ICV has passed."""
         top = self.top
         if seq > top:
-            self._advance(top >> WORD_SHIFT, seq >> WORD_SHIFT)
+            if seq >> WORD_SHIFT != top >> WORD_SHIFT:
+                self._advance(top >> WORD_SHIFT, seq >> WORD_SHIFT)
             self.top = seq
-        self._set_seen(seq)
+        self._words[(seq >> WORD_SHIFT) & self._ring_mask] |= 1 << (seq & BIT_MASK)
 
     def _advance(self, top_word: int, new_word: int) -> None:
         """Clear the ring words that the top moves into (RFC 6479 §2)."""

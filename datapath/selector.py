@@ -36,9 +36,7 @@ def _ranges(networks: list[Network], version: int) -> _Ranges:
     return tuple(pairs)
 
 
-def _matches(address: int, ranges: _Ranges) -> bool:
-    if ranges is None:
-        return True
+def _matches(address: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     for network, mask in ranges:  # noqa: SIM110 (any() is slower per packet)
         if address & mask == network:
             return True
@@ -90,7 +88,9 @@ class Selectors:
             return False
         version, src, dst = addresses
         local, remote = self._by_version[version]
-        return _matches(src, remote) and _matches(dst, local)
+        return (remote is None or _matches(src, remote)) and (
+            local is None or _matches(dst, local)
+        )
 
     def permits_outbound(self, inner: bytes) -> bool:
         """Source in a local network and destination in a remote one."""
@@ -99,4 +99,6 @@ class Selectors:
             return False
         version, src, dst = addresses
         local, remote = self._by_version[version]
-        return _matches(src, local) and _matches(dst, remote)
+        return (local is None or _matches(src, local)) and (
+            remote is None or _matches(dst, remote)
+        )
