@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export VENV
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast lint format demo bench clean
+.PHONY: help deps test test-fast lint format demo bench bench-esp clean
 
 help:
 	@echo "make demo       build a namespace network and show the tunnel working"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-fast  unit tests only (no namespaces, no QEMU)"
 	@echo "make lint       ruff format check, ruff, mypy"
 	@echo "make bench      throughput benchmarks, printed as ratios"
+	@echo "make bench-esp  ESP core µs per packet beside bare crypto calls"
 
 deps:
 	@tools/install-deps
@@ -44,3 +45,8 @@ bench: deps
 # five namespaces (LAN client, moat, internet, portal, corporate host), fresh keys
 demo: deps
 	$(PY) tools/demo.py
+
+# ESP core micro-benchmark: µs per seal/open beside a bare AEAD call, as ratios
+BENCH_ESP_ARGS ?=
+bench-esp: deps
+	$(PY) tests/bench/bench_esp.py $(BENCH_ESP_ARGS)
