@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from moat.errors import MoatError
 
@@ -28,6 +28,50 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def publish_status(path: Path, status: dict[str, Any]) -> None:
+    """write_status, logging instead of raising: status must not stop a service."""
+    try:
+        write_status(path, status)
+    except OSError as exc:
+        log.error("cannot write status %s: %s", path, exc)
+
+
+async def status_loop(
+    path: Path, status: Callable[[], dict[str, Any]], interval: float = 1.0
+) -> None:
+    """Rewrite the status file every `interval` seconds until cancelled."""
+    while True:
+        publish_status(path, status())
+        await asyncio.sleep(interval)
+
+
+Source = tuple[str, int]
+DatagramHandler = Callable[["Datagrams", bytes, Source, float], None]
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    """A UDP endpoint handing each datagram, its source and its arrival time
+    (wall clock, taken first) to `on_datagram`."""
+
+    def __init__(self, on_datagram: DatagramHandler) -> None:
+        self.on_datagram = on_datagram
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        now = time.time()
+        self.on_datagram(self, data, (str(addr[0]), int(addr[1])), now)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("socket error: %s", exc)
+
+    def send(self, data: bytes, destination: Source) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, destination)
 
 
 def print_status(path: Path) -> int:

@@ -15,7 +15,7 @@ import logging
 import struct
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import dns.asyncquery
 import dns.exception
@@ -32,14 +32,20 @@ from services.dns.forwarder import Forwarder
 from services.dns.handler import Decision, QueryHandler, Verdict, ZoneSlot
 from services.dns.localnames import LocalNames
 from services.dns.secondary import Action, Secondary
-from services.runtime import print_status, run_service, write_status
+from services.runtime import (
+    Datagrams,
+    Source,
+    print_status,
+    publish_status,
+    run_service,
+    status_loop,
+)
 
 log = logging.getLogger(__name__)
 
 TCP_LENGTH = struct.Struct("!H")
 TCP_IDLE_TIMEOUT = 10.0
 MAX_TCP_CLIENTS = 32
-STATUS_INTERVAL = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,30 +72,6 @@ def run(args: argparse.Namespace) -> int:
         )
     server = DnsServer(cfg)
     return run_service("dns", server.serve)
-
-
-class _UdpServer(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        source = (str(addr[0]), int(addr[1]))
-        decision = self.server.decide(data, source, tcp=False)
-        if decision.verdict is Verdict.REPLY and decision.reply and self.transport:
-            self.transport.sendto(decision.reply, addr)
-        elif decision.verdict is Verdict.FORWARD and decision.query is not None:
-            self.server.spawn(self._forward(decision.query, addr))
-
-    async def _forward(
-        self, query: dns.message.Message, addr: tuple[str | int, ...]
-    ) -> None:
-        reply = await self.server.forward(query, tcp=False)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
 
 
 class DnsServer:
@@ -121,7 +103,8 @@ class DnsServer:
         servers = []
         for address in self.cfg.listen:
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpServer(self), local_addr=(address, self.cfg.port)
+                lambda: Datagrams(self._on_datagram),
+                local_addr=(address, self.cfg.port),
             )
             transports.append(transport)
             servers.append(
@@ -130,7 +113,7 @@ class DnsServer:
             log.info("listening on %s port %d (UDP, TCP)", address, self.cfg.port)
         for slot in self.slots:
             self.spawn(self._secondary_loop(slot))
-        self.spawn(self._status_loop())
+        self.spawn(status_loop(self.cfg.status_file, self.status))
 
         await stop.wait()
 
@@ -142,7 +125,7 @@ class DnsServer:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        self._write_status()
+        publish_status(self.cfg.status_file, self.status())
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -150,6 +133,20 @@ class DnsServer:
         task.add_done_callback(self.tasks.discard)
 
     # -- queries --------------------------------------------------------------
+
+    def _on_datagram(
+        self, endpoint: Datagrams, wire: bytes, source: Source, now: float
+    ) -> None:
+        decision = self.decide(wire, source, tcp=False)
+        if decision.verdict is Verdict.REPLY and decision.reply:
+            endpoint.send(decision.reply, source)
+        elif decision.verdict is Verdict.FORWARD and decision.query is not None:
+            self.spawn(self._forward_udp(endpoint, decision.query, source))
+
+    async def _forward_udp(
+        self, endpoint: Datagrams, query: dns.message.Message, source: Source
+    ) -> None:
+        endpoint.send(await self.forward(query, tcp=False), source)
 
     def decide(self, wire: bytes, source: tuple[str, int], tcp: bool) -> Decision:
         decision = self.handler.handle(wire, source, time.time(), tcp=tcp)
@@ -317,14 +314,3 @@ class DnsServer:
             "upstream": dict(sorted(self.forwarder.counters.items())),
             "cache": self.cache.status(),
         }
-
-    def _write_status(self) -> None:
-        try:
-            write_status(self.cfg.status_file, self.status())
-        except OSError as exc:
-            log.error("cannot write status %s: %s", self.cfg.status_file, exc)
-
-    async def _status_loop(self) -> None:
-        while True:
-            self._write_status()
-            await asyncio.sleep(STATUS_INTERVAL)

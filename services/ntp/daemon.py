@@ -31,13 +31,18 @@ from services.configfile import read_section
 from services.ntp import packet
 from services.ntp.client import NtpClient, Sample
 from services.ntp.server import NtpServer
-from services.runtime import print_status, run_service, write_status
+from services.runtime import (
+    Datagrams,
+    print_status,
+    publish_status,
+    run_service,
+    status_loop,
+)
 
 log = logging.getLogger(__name__)
 
 BURST_REQUESTS = 4  # like iburst: the first requests go out quickly
 BURST_INTERVAL = 2.0
-STATUS_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,23 +89,6 @@ def run(args: argparse.Namespace) -> int:
     return run_service("ntpd", daemon.serve)
 
 
-class _Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Any) -> None:
-        self.on_datagram = on_datagram
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        # receive timestamp as early as we can take it
-        now = time.time()
-        self.on_datagram(self, data, (str(addr[0]), int(addr[1])), now)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("socket error: %s", exc)
-
-
 class NtpDaemon:
     def __init__(self, cfg: NtpConfig, set_clock: bool) -> None:
         self.cfg = cfg
@@ -115,14 +103,14 @@ class NtpDaemon:
         transports: list[asyncio.DatagramTransport] = []
         for address in self.cfg.listen:
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagrams(self._on_request),
+                lambda: Datagrams(self._on_request),
                 local_addr=(address, self.cfg.port),
             )
             transports.append(transport)
             log.info("serving NTP on %s port %d", address, self.cfg.port)
         family = socket.AF_INET6 if ":" in self.cfg.upstream[0] else socket.AF_INET
         upstream, proto = await loop.create_datagram_endpoint(
-            lambda: _Datagrams(self._on_reply),
+            lambda: Datagrams(self._on_reply),
             family=family,
             local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0),
         )
@@ -134,8 +122,8 @@ class NtpDaemon:
             "set from it" if self.set_clock else "NOT set (report only)",
         )
         tasks = [
-            loop.create_task(self._poll(cast(_Datagrams, proto))),
-            loop.create_task(self._status_loop()),
+            loop.create_task(self._poll(cast(Datagrams, proto))),
+            loop.create_task(status_loop(self.cfg.status_file, self.status)),
         ]
 
         await stop.wait()
@@ -145,17 +133,14 @@ class NtpDaemon:
         await asyncio.gather(*tasks, return_exceptions=True)
         for transport in transports:
             transport.close()
-        self._write_status()
+        publish_status(self.cfg.status_file, self.status())
 
     # -- client side ------------------------------------------------------------
 
-    async def _poll(self, proto: _Datagrams) -> None:
+    async def _poll(self, proto: Datagrams) -> None:
         sent = 0
         while True:
-            if proto.transport is not None:
-                proto.transport.sendto(
-                    self.client.request(time.time()), self.cfg.upstream
-                )
+            proto.send(self.client.request(time.time()), self.cfg.upstream)
             sent += 1
             interval = self.cfg.poll * (1 << self.client.backoff)
             if sent < BURST_REQUESTS:
@@ -163,7 +148,7 @@ class NtpDaemon:
             await asyncio.sleep(interval)
 
     def _on_reply(
-        self, proto: _Datagrams, data: bytes, source: tuple[str, int], now: float
+        self, proto: Datagrams, data: bytes, source: tuple[str, int], now: float
     ) -> None:
         result = self.client.response(data, source, now)
         if isinstance(result, Sample):
@@ -191,15 +176,15 @@ class NtpDaemon:
     # -- server side ------------------------------------------------------------
 
     def _on_request(
-        self, proto: _Datagrams, data: bytes, source: tuple[str, int], now: float
+        self, proto: Datagrams, data: bytes, source: tuple[str, int], now: float
     ) -> None:
         receive_ts = packet.from_unix(now)
         clock = self.client.clock_state(now)
         reply = self.server.respond(
             data, receive_ts, packet.from_unix(time.time()), clock
         )
-        if reply is not None and proto.transport is not None:
-            proto.transport.sendto(reply, source)
+        if reply is not None:
+            proto.send(reply, source)
 
     # -- status -----------------------------------------------------------------
 
@@ -213,14 +198,3 @@ class NtpDaemon:
             "client": self.client.status(now),
             "server": dict(sorted(self.server.counters.items())),
         }
-
-    def _write_status(self) -> None:
-        try:
-            write_status(self.cfg.status_file, self.status())
-        except OSError as exc:
-            log.error("cannot write status %s: %s", self.cfg.status_file, exc)
-
-    async def _status_loop(self) -> None:
-        while True:
-            self._write_status()
-            await asyncio.sleep(STATUS_INTERVAL)
