@@ -186,6 +186,8 @@ class OutboundSA:
 
     def seal(self, payload: bytes, next_header: int) -> bytes:
         """The ESP packet carrying `payload`; SequenceExhausted at the limit."""
+        if next_header >> 8:  # not 0..255 (negative numbers too)
+            raise EspError(f"next header {next_header} is not a byte")
         seq = self.seq + 1
         if seq > self.seq_limit:
             raise self._exhausted()

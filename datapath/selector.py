@@ -20,6 +20,8 @@ IPV6_HEADER_SIZE = 40
 _IPV4_ADDRESSES = struct.Struct(">12xII")  # source, destination
 _IPV6_ADDRESSES = struct.Struct(">8xQQQQ")  # source hi/lo, destination hi/lo
 
+_LOCAL, _REMOTE = 0, 1  # index into a (local, remote) pair
+
 Network = IPv4Network | IPv6Network
 # (network, mask) pairs, or None when a /0 makes every address match
 _Ranges = tuple[tuple[int, int], ...] | None
@@ -71,7 +73,7 @@ class Selectors:
     ) -> None:
         self.local = [ip_network(n) for n in local]
         self.remote = [ip_network(n) for n in remote]
-        # per IP version: (local ranges, remote ranges)
+        # per IP version: (local ranges, remote ranges), see _LOCAL, _REMOTE
         self._by_version = {
             v: (_ranges(self.local, v), _ranges(self.remote, v)) for v in (4, 6)
         }
@@ -83,22 +85,20 @@ class Selectors:
 
     def permits_inbound(self, inner: bytes) -> bool:
         """Source in a remote network and destination in a local one."""
-        addresses = inner_addresses(inner)
-        if addresses is None:
-            return False
-        version, src, dst = addresses
-        local, remote = self._by_version[version]
-        return (remote is None or _matches(src, remote)) and (
-            local is None or _matches(dst, local)
-        )
+        return self._permits(inner, _REMOTE, _LOCAL)
 
     def permits_outbound(self, inner: bytes) -> bool:
         """Source in a local network and destination in a remote one."""
+        return self._permits(inner, _LOCAL, _REMOTE)
+
+    def _permits(self, inner: bytes, src_side: int, dst_side: int) -> bool:
         addresses = inner_addresses(inner)
         if addresses is None:
             return False
         version, src, dst = addresses
-        local, remote = self._by_version[version]
-        return (local is None or _matches(src, local)) and (
-            remote is None or _matches(dst, remote)
+        ranges = self._by_version[version]
+        src_ranges = ranges[src_side]
+        dst_ranges = ranges[dst_side]
+        return (src_ranges is None or _matches(src, src_ranges)) and (
+            dst_ranges is None or _matches(dst, dst_ranges)
         )

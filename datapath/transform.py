@@ -107,6 +107,11 @@ class Transform:
         encrypted -= encrypted % self.alignment
         return max(encrypted - ESP_TRAILER_SIZE, 0)
 
+    @classmethod
+    def key_lengths(cls) -> tuple[tuple[int, ...], int]:
+        """Accepted `key` lengths, and the `auth_key` length (0: none)."""
+        raise NotImplementedError
+
     def seal(self, seq: int, payload: bytes, next_header: int) -> bytes:
         raise NotImplementedError
 
@@ -128,6 +133,10 @@ class AeadTransform(Transform):
     key_sizes: ClassVar[tuple[int, ...]]
     aead_class: ClassVar[type[AESGCM] | type[ChaCha20Poly1305]]
 
+    @classmethod
+    def key_lengths(cls) -> tuple[tuple[int, ...], int]:
+        return tuple(n + AEAD_SALT_SIZE for n in cls.key_sizes), 0
+
     def __init__(self, spi: int, esn: bool, key: bytes, auth_key: bytes) -> None:
         super().__init__(spi, esn)
         cipher_key_size = len(key) - AEAD_SALT_SIZE
@@ -139,9 +148,10 @@ class AeadTransform(Transform):
             )
         if auth_key:
             raise EspConfigError(f"{self.name}: takes no separate auth key")
-        self._aead = self.aead_class(key[:cipher_key_size])
+        aead = self.aead_class(key[:cipher_key_size])
+        self._encrypt = aead.encrypt
+        self._decrypt = aead.decrypt
         self._salt = key[cipher_key_size:]
-        self._iv_offset = ESP_HEADER_SIZE
         self._ct_offset = ESP_HEADER_SIZE + self.iv_size
 
     def seal(self, seq: int, payload: bytes, next_header: int) -> bytes:
@@ -153,17 +163,16 @@ class AeadTransform(Transform):
             aad = header[:ESP_HEADER_SIZE]
         pad = -(len(payload) + ESP_TRAILER_SIZE) & (ICV_ALIGNMENT - 1)
         plaintext = payload + _TRAILERS[pad << 8 | next_header]
-        nonce = _NONCE.pack(self._salt, seq)
-        return header + self._aead.encrypt(nonce, plaintext, aad)
+        return header + self._encrypt(_NONCE.pack(self._salt, seq), plaintext, aad)
 
     def open(self, packet: bytes, seq: int) -> bytes | None:
-        nonce = self._salt + packet[ESP_HEADER_SIZE : self._ct_offset]
         if self.esn:
             aad = _ESN_AAD.pack(self.spi, seq >> 32, seq & SEQ_LO_MASK)
         else:
             aad = packet[:ESP_HEADER_SIZE]
+        nonce = self._salt + packet[ESP_HEADER_SIZE : self._ct_offset]
         try:
-            return self._aead.decrypt(nonce, packet[self._ct_offset :], aad)
+            return self._decrypt(nonce, packet[self._ct_offset :], aad)
         except InvalidTag:
             return None
 
@@ -212,6 +221,10 @@ class CbcHmacTransform(Transform):
     auth_key_size: ClassVar[int]
     key_sizes: ClassVar[tuple[int, ...]]
     hash_class: ClassVar[type[hashes.HashAlgorithm]]
+
+    @classmethod
+    def key_lengths(cls) -> tuple[tuple[int, ...], int]:
+        return cls.key_sizes, cls.auth_key_size
 
     def __init__(self, spi: int, esn: bool, key: bytes, auth_key: bytes) -> None:
         super().__init__(spi, esn)

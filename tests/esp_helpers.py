@@ -5,16 +5,14 @@ from __future__ import annotations
 import struct
 
 from datapath.esp import InboundSA, OutboundSA, SAConfig
+from datapath.transform import TRANSFORMS as ALL_TRANSFORMS
 
 SPI = 0x0000_1234
 
 # transform -> (key size, auth key size); AEAD key sizes include the salt
 KEY_SIZES = {
-    "aes-gcm-128": (20, 0),
-    "aes-gcm-256": (36, 0),
-    "chacha20-poly1305": (36, 0),
-    "aes-cbc-hmac-sha256": (16, 32),
-    "3des-cbc-hmac-sha1": (24, 20),
+    name: (cls.key_lengths()[0][0], cls.key_lengths()[1])
+    for name, cls in ALL_TRANSFORMS.items()
 }
 TRANSFORMS = sorted(KEY_SIZES)
 

@@ -246,3 +246,11 @@ def test_bad_key_material(transform: str, key: bytes, auth_key: bytes) -> None:
 def test_config_repr_hides_keys() -> None:
     cfg = make_config("aes-cbc-hmac-sha256")
     assert cfg.key.hex() not in repr(cfg)
+
+
+@pytest.mark.parametrize("next_header", [-1, 256, 4 + 256])
+def test_seal_refuses_a_next_header_that_is_not_a_byte(next_header: int) -> None:
+    out, _ = make_pair("aes-gcm-128")
+    with pytest.raises(esp.EspError, match="next header"):
+        out.seal(b"", next_header)
+    assert out.seq == 0

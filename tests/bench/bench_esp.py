@@ -24,14 +24,9 @@ from cryptography.hazmat.primitives.ciphers.aead import (  # noqa: E402
 )
 
 from datapath.esp import SADB, InboundSA, OutboundSA, SAConfig  # noqa: E402
+from tests.esp_helpers import KEY_SIZES  # noqa: E402
 
-KEYS = {
-    "aes-gcm-128": (20, 0),
-    "aes-gcm-256": (36, 0),
-    "chacha20-poly1305": (36, 0),
-    "aes-cbc-hmac-sha256": (16, 32),
-    "3des-cbc-hmac-sha1": (24, 20),
-}
+KEYS = KEY_SIZES  # transform -> (key bytes, auth key bytes)
 BARE = {
     "aes-gcm-128": AESGCM,
     "aes-gcm-256": AESGCM,

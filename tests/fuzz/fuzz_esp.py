@@ -24,14 +24,9 @@ with atheris.instrument_imports():
     from datapath.esp import SADB, Drop, InboundSA, Opened, OutboundSA, SAConfig
     from datapath.selector import Selectors
     from datapath.udpencap import classify
+    from tests.esp_helpers import KEY_SIZES
 
-KEYS = {
-    "aes-gcm-128": (20, 0),
-    "aes-gcm-256": (36, 0),
-    "chacha20-poly1305": (36, 0),
-    "aes-cbc-hmac-sha256": (16, 32),
-    "3des-cbc-hmac-sha1": (24, 20),
-}
+KEYS = KEY_SIZES  # transform -> (key bytes, auth key bytes)
 
 
 def build() -> tuple[SADB, list[OutboundSA]]:
