@@ -214,7 +214,9 @@ def _tuf_refusal(exc: Exception) -> OtaRefused:
     if isinstance(exc, tuf_exc.LengthOrHashMismatchError):
         return OtaRefused(f"refused: metadata altered: {exc}")
     if isinstance(exc, tuf_exc.DownloadError):
-        return OtaRefused(f"cannot fetch update metadata: {exc}")
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{exc} {cause or ''}".strip() or type(exc).__name__
+        return OtaRefused(f"cannot fetch update metadata: {detail}")
     return OtaRefused(f"refused: {exc}")
 
 

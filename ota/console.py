@@ -117,6 +117,7 @@ class ConsoleConfig:
     log_files: list[Path]
     var_dir: Path
     status_files: dict[str, Path]
+    log_file: Path
 
     @classmethod
     def from_ota(cls, ota: OtaConfig) -> ConsoleConfig:
@@ -136,6 +137,7 @@ class ConsoleConfig:
                 )
             ],
             var_dir=Path(raw.get("var_dir", "/var")),
+            log_file=Path(raw.get("log_file", "/var/log/moat/console.log")),
             status_files={
                 k: Path(v)
                 for k, v in raw.get(
@@ -528,9 +530,33 @@ def run(args: argparse.Namespace) -> int:
         console = Console(cfg, sys.stdin, sys.stdout)
         apply_wan(cfg, settings, console.run_command)
         return 0
+    _log_to_file(cfg.log_file)
     with unkillable(sys.stdin.fileno()):
-        Console(cfg, sys.stdin, sys.stdout).loop()
+        try:
+            Console(cfg, sys.stdin, sys.stdout).loop()
+        except OSError as exc:  # the line went away (hang-up, EIO)
+            log.warning("console output failed: %s; exiting for init to restart", exc)
+            return 1
     return 0
+
+
+def _log_to_file(path: Path) -> None:
+    """Keep log lines off the menu: the terminal shows only what `say` writes."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            root.removeHandler(handler)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    except OSError:
+        return
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root.addHandler(handler)
 
 
 def _set_password(cfg: ConsoleConfig) -> int:

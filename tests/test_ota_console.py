@@ -72,6 +72,7 @@ class Box:
                         "wan_file": str(self.var / "moat/wan.json"),
                         "log_files": [str(self.log)],
                         "var_dir": str(self.var),
+                        "log_file": str(tmp / "console.log"),
                         "status_files": {"tunnel": str(tmp / "tunnel.status")},
                     },
                 }
@@ -150,6 +151,8 @@ def test_status(child: pexpect.spawn) -> None:
     child.expect("version floor 1.0.0")
     child.expect("wild UP 192.0.2.7/24")
     child.expect("tunnel: up, portal 198.51.100.1")
+    child.expect(MENU_PROMPT)
+    assert "INFO" not in child.before  # log lines go to the file, not the menu
 
 
 def test_recent_log(child: pexpect.spawn) -> None:
