@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -90,6 +91,10 @@ class Prover:
                 f"{s.good}, nothing is proven or changed",
             )
         return Decision(Action.NONE, f"{self._label(run)} is the good slot")
+
+    def expire(self, now: float) -> None:
+        """Make the deadline pass now (the supervisor gave up waiting)."""
+        self.started = min(self.started, now - self.deadline)
 
     def tick(self, now: float, services_up: bool, tunnel_up: bool | None) -> Decision:
         """`tunnel_up` is None when no tunnel is configured."""
@@ -181,18 +186,21 @@ class ProveHook:
         self.deadline = deadline
         self.settle = settle
         self.prover: Prover | None = None
+        self._lock = threading.Lock()  # ticks may come from two threads
 
     def start(self, now: float) -> None:
-        state = bootenv.load(self.store).state
-        self.prover = Prover(state, self.running, now, self.deadline, self.settle)
-        self._apply(self.prover.at_boot())
+        with self._lock:
+            state = bootenv.load(self.store).state
+            self.prover = Prover(state, self.running, now, self.deadline, self.settle)
+            self._apply(self.prover.at_boot())
 
     def tick(self, now: float, services_up: bool, tunnel_up: bool | None) -> Action:
         if self.prover is None:
             self.start(now)
         assert self.prover is not None
-        decision = self.prover.tick(now, services_up, tunnel_up)
-        self._apply(decision)
+        with self._lock:
+            decision = self.prover.tick(now, services_up, tunnel_up)
+            self._apply(decision)
         return decision.action
 
     def _apply(self, decision: Decision) -> None:
