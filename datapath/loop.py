@@ -116,6 +116,8 @@ class EventLoop:
         self._reload = False
         self._stop = False
         self._handlers: dict[int, Callable[[], None]] = {}
+        if logging.getLogger("datapath.tunnel").isEnabledFor(logging.DEBUG):
+            datapath.trace_packets()
 
     # signals
 

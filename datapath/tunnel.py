@@ -149,6 +149,11 @@ def esp_space(outer_mtu: int, ip_version: int, encapsulation: str) -> int:
     return outer_mtu - ip - udp
 
 
+def _delta(before: dict[str, int], after: collections.Counter[str]) -> str:
+    changed = [k for k, v in after.items() if v != before.get(k, 0)]
+    return ", ".join(changed) if changed else "queued"
+
+
 # peers ----------------------------------------------------------------------
 
 
@@ -311,6 +316,34 @@ class Datapath:
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
         self._to_tun = to_tun or self.tun_queue.append
+
+    def trace_packets(self) -> None:
+        """Log every packet at DEBUG (wraps the per-packet methods; when DEBUG
+        is off they stay unwrapped, so the hot path has no logging calls)."""
+        outbound, inbound = self.outbound, self.inbound
+
+        def traced_outbound(packet: bytes, now: float) -> None:
+            before = dict(self.counters)
+            outbound(packet, now)
+            log.debug("tun -> %d bytes %s", len(packet), _delta(before, self.counters))
+
+        def traced_inbound(esp: bytes, src: Address, now: float) -> None:
+            queued = len(self.tun_queue)
+            spi = _unpack_spi(esp)[0] if len(esp) >= 4 else None
+            inbound(esp, src, now)
+            entry = self.spis.get(spi) if spi is not None else None
+            log.debug(
+                "%s:%d -> %d bytes spi %s: %s",
+                src[0],
+                src[1],
+                len(esp),
+                f"{spi:#x}" if spi is not None else "-",
+                "to tun" if len(self.tun_queue) > queued else "dropped",
+                extra={"peer": entry.peer.name if entry else None},
+            )
+
+        self.outbound = traced_outbound  # type: ignore[method-assign]
+        self.inbound = traced_inbound  # type: ignore[method-assign]
 
     # peers and SAs
 

@@ -194,10 +194,15 @@ def test_bad_reload_keeps_the_tunnel(lab: Lab, tmp_path: Path) -> None:
     ping(pair, "a", "10.99.0.2")
 
 
-def test_status_output(lab: Lab, tmp_path: Path) -> None:
+def test_status_output_and_debug_log(lab: Lab, tmp_path: Path) -> None:
     pair = TunnelPair(lab, tmp_path)
-    pair.start_both()
+    pair.start("a", log_level="DEBUG")
+    pair.start("b")
     ping(pair, "a", "10.99.0.2")
+    # DEBUG logs every packet; INFO (side b) logs none
+    assert "192.168.77.2:4500 -> 120 bytes spi" in pair.log("a")
+    assert "to tun" in pair.log("a") and "tun -> 84 bytes" in pair.log("a")
+    assert "bytes spi" not in pair.log("b")
     res = subprocess.run(
         moat_argv("tunnel", "--status", "--config", str(pair.config_path("a"))),
         capture_output=True,
