@@ -144,7 +144,7 @@ class Tunnel:
 
     def run(self) -> int:
         cfg = self.cfg
-        tun = Tun(cfg.tun.name)
+        tun = Tun(cfg.tun.name, vnet_hdr=cfg.tun.coalesce)
         sock: OuterSocket | None = None
         control: ControlServer | None = None
         try:

@@ -16,6 +16,7 @@
     routes = ["10.2.0.0/16"]      # default: the remote selectors
     mtu = 0                       # 0 = computed from the outer MTU and transform
     txqueuelen = 1000
+    coalesce = true               # merge received TCP segments (virtio-net GSO)
 
     [outer]
     local = "192.0.2.1"           # IPv4 or IPv6
@@ -106,6 +107,7 @@ class TunSpec:
     routes: tuple[IPNetwork, ...] = ()
     mtu: int = 0
     txqueuelen: int = 1000
+    coalesce: bool = True
 
 
 @dataclass(frozen=True)
@@ -371,6 +373,7 @@ def parse(text: str, source: str = "") -> TunnelConfig:
         routes=tun_t.networks("routes", remote_subnets),
         mtu=tun_t.integer("mtu", 0, MTU_MAX, 0),
         txqueuelen=tun_t.integer("txqueuelen", 1, 1_000_000, 1000),
+        coalesce=tun_t.boolean("coalesce", True),
     )
     if 0 < tun.mtu < 68:
         raise tun_t.error("mtu", f"{tun.mtu} is below the IPv4 minimum 68")

@@ -31,6 +31,7 @@ from datapath.outer import Address, OuterSocket
 from datapath.tun import MAX_PACKET, Tun
 from datapath.tunnel import Datapath, Peer, esp_space
 from datapath.udpencap import NAT_KEEPALIVE, NON_ESP_MARKER
+from datapath.vnet import VNET_HDR_SIZE, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ class EventLoop:
         read = os.read
         outbound = self.dp.outbound
         now = time.monotonic()
+        # with a vnet header but no offloads enabled, each read is one packet
+        skip = VNET_HDR_SIZE if self.tun.vnet_hdr else 0
         for _ in range(BATCH):
             try:
                 packet = read(fd, MAX_PACKET)
@@ -193,7 +196,7 @@ class EventLoop:
                 # queue empty: nothing may wait in a half-filled payload
                 self.dp.tun_drained(now)
                 break
-            outbound(packet, now)
+            outbound(packet[skip:] if skip else packet, now)
         self._flush(now)
         if self.dp.tun_queue:
             self._to_tun()
@@ -254,13 +257,15 @@ class EventLoop:
             return
         fd = self.tun.fd
         write = os.write
-        for packet in queue:
+        self.counters["tun_tx"] += len(queue)
+        buffers = coalesce(queue) if self.tun.vnet_hdr else queue
+        for packet in buffers:
             try:
                 write(fd, packet)
             except OSError as exc:
                 key = "tun_tx_full" if exc.errno == errno.EAGAIN else "tun_tx_error"
                 self.counters[key] += 1
-        self.counters["tun_tx"] += len(queue)
+        self.counters["tun_tx_writes"] += len(buffers)
         queue.clear()
 
 

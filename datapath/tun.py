@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 
+from datapath.vnet import PLAIN, VNET_HDR_SIZE
 from moat.errors import MoatError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ SIOCSIFMTU = 0x8922
 SIOCSIFTXQLEN = 0x8943
 IFF_UP = 0x1
 
-MAX_PACKET = 65535  # largest IP packet a read can return
+MAX_PACKET = 65535 + VNET_HDR_SIZE  # largest read
 
 
 class TunError(MoatError):
@@ -56,14 +57,15 @@ class TunError(MoatError):
 class Tun:
     """One TUN device, non-blocking, opened for the life of this object."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, vnet_hdr: bool = False) -> None:
         try:
             self.fd = os.open(
                 TUN_CLONE_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
             )
         except OSError as exc:
             raise TunError(f"cannot open {TUN_CLONE_DEVICE}: {exc.strerror}") from None
-        ifr = struct.pack(f"{IFNAMSIZ}sH", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        ifr = struct.pack(f"{IFNAMSIZ}sH", name.encode(), flags)
         ifr = ifr.ljust(IFREQ_SIZE, b"\0")
         try:
             res = fcntl.ioctl(self.fd, TUNSETIFF, ifr)
@@ -71,6 +73,8 @@ class Tun:
             os.close(self.fd)
             raise TunError(f"TUNSETIFF {name}: {exc.strerror}") from None
         self.name = res[:IFNAMSIZ].rstrip(b"\0").decode()
+        # every read and write starts with a virtio_net_hdr (datapath/vnet.py)
+        self.vnet_hdr = vnet_hdr
         self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         log.debug("created TUN device %s (fd %d)", self.name, self.fd)
 
@@ -124,12 +128,13 @@ class Tun:
     def read(self) -> bytes | None:
         """One packet, or None when none is waiting."""
         try:
-            return os.read(self.fd, MAX_PACKET)
+            packet = os.read(self.fd, MAX_PACKET)
         except BlockingIOError:
             return None
+        return packet[VNET_HDR_SIZE:] if self.vnet_hdr else packet
 
     def write(self, packet: bytes) -> None:
-        os.write(self.fd, packet)
+        os.write(self.fd, PLAIN + packet if self.vnet_hdr else packet)
 
     def close(self) -> None:
         if self.fd >= 0:
