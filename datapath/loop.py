@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from datapath.outer import Address, OuterSocket
-from datapath.tun import MAX_PACKET, Tun
+from datapath.tun import READ_SIZE, Tun
 from datapath.tunnel import Datapath, Peer, esp_space
 from datapath.udpencap import NAT_KEEPALIVE, NON_ESP_MARKER
 from datapath.vnet import VNET_HDR_SIZE, coalesce
@@ -191,7 +191,7 @@ class EventLoop:
         skip = VNET_HDR_SIZE if self.tun.vnet_hdr else 0
         for _ in range(BATCH):
             try:
-                packet = read(fd, MAX_PACKET)
+                packet = read(fd, READ_SIZE)
             except BlockingIOError:
                 # queue empty: nothing may wait in a half-filled payload
                 self.dp.tun_drained(now)

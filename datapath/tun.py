@@ -47,7 +47,8 @@ SIOCSIFMTU = 0x8922
 SIOCSIFTXQLEN = 0x8943
 IFF_UP = 0x1
 
-MAX_PACKET = 65535 + VNET_HDR_SIZE  # largest read
+MAX_PACKET = 65535  # largest IP packet (and TUN MTU)
+READ_SIZE = MAX_PACKET + VNET_HDR_SIZE  # largest read
 
 
 class TunError(MoatError):
@@ -128,7 +129,7 @@ class Tun:
     def read(self) -> bytes | None:
         """One packet, or None when none is waiting."""
         try:
-            packet = os.read(self.fd, MAX_PACKET)
+            packet = os.read(self.fd, READ_SIZE)
         except BlockingIOError:
             return None
         return packet[VNET_HDR_SIZE:] if self.vnet_hdr else packet
