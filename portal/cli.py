@@ -44,7 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", required=True, help="private subnets come from here")
     p.add_argument("--prefix", type=int, default=28, help="subnet size (bits)")
     p.add_argument("--host-key", required=True, help="sshd host public key file")
-    p.add_argument("--network", action="append", default=[], help="corporate net")
+    p.add_argument(
+        "--network",
+        action="append",
+        required=True,
+        help="a corporate network behind the portal (repeat for more)",
+    )
     p.add_argument(
         "--ssh-host", default="", help="registration host (default: endpoint)"
     )
@@ -90,8 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("remove", help="delete a moat")
     p.add_argument("id")
 
-    p = sub.add_parser("run", help="the portal daemon")
-    p.add_argument("--status-interval", type=float, default=60.0)
+    p = sub.add_parser("run", help="the portal daemon (datapath for every moat)")
+    p.add_argument("--tun", default="portal0", help="TUN device name")
+
+    p = sub.add_parser("status", help="ask the running daemon")
+    p.add_argument("--verbose", action="store_true", help="every peer's SAs")
 
     p = sub.add_parser("register-session", help="sshd forced command (internal)")
     p.add_argument("--id", required=True)
@@ -316,7 +324,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from portal.daemon import serve
 
     db, settings = _open(args)
-    return serve(db, settings, args.status_interval)
+    return serve(db, settings, args.tun)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from portal import control
+    from portal.settings import load_settings
+
+    settings = load_settings(args.db)
+    answer = control.request(
+        settings.control, {"op": "status", "verbose": args.verbose}
+    )
+    answer.pop("ok", None)
+    print(json.dumps(answer, indent=1, sort_keys=True))
+    return 0
 
 
 def cmd_register_session(args: argparse.Namespace) -> int:
@@ -370,6 +391,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "show": cmd_show,
     "remove": cmd_remove,
     "run": cmd_run,
+    "status": cmd_status,
     "register-session": cmd_register_session,
     "authorized-keys": cmd_authorized_keys,
     "sshd-config": cmd_sshd_config,

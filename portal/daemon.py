@@ -1,93 +1,306 @@
-"""`moat portal run`: the portal daemon.
+"""`moat portal run`: one ESP datapath for every moat, changed on the fly.
 
-At start it loads every record (portal/db.py; invalid ones are reported and
-skipped), then serves its control socket (portal/control.py). A `reload`
-request re-reads one record and applies only that moat's change: a new
-record is added, a changed one replaced (new SA generation, new address), a
-deleted one removed. A record that fails to load is logged and dropped; the
-others never wait for it.
+At start the daemon loads every record (portal/db.py; invalid ones are
+reported and skipped), opens one TUN device and one UDP/4500 (or raw ESP)
+socket, and installs a peer per registered moat in one Datapath (SA by SPI
+on receive, longest-prefix match on the moats' subnets on send). The kernel
+routes the pool (and any subnet outside it) to the TUN device.
 
-# TODO: attach the ESP Datapath (one for all moats: SA by SPI, LPM on the
-# moats' subnets, routes on the TUN, roaming) once datapath/tunnel.py lands;
-# today the daemon keeps the moat table and the control socket only.
+The control socket (portal/control.py) takes `reload ID` from the
+registration session and from the provisioning verbs: the daemon re-reads
+that one record and adds, re-keys (make-before-break), moves or removes that
+moat's peer; nothing else is touched. A record or SA that cannot be brought
+up is logged and counted and the daemon goes on to the next.
+
+Roaming: the Datapath moves a moat's endpoint only on an authenticated
+packet newer than any seen; the daemon then writes the new address and port
+into the record (compare-and-swap, so a concurrent registration wins).
+
+Restarts and AES-GCM nonces: a restarted portal must never send two packets
+with the same key and sequence number. The daemon reserves outbound
+sequence numbers in blocks (DB/.sequence.json, written when a moat has used
+half of its block) and starts a restored SA after its reserved block; an SA
+without an entry has sent fewer than half a block, so it starts at one block.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import selectors
-import signal
-import socket
+import subprocess
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from datapath.esp import EspError, InboundSA, OutboundSA, SAConfig
+from datapath.loop import ControlServer, EventLoop
+from datapath.outer import Address, OuterSocket, RawEspSocket, UdpSocket
+from datapath.selector import Selectors
+from datapath.tun import Tun
+from datapath.tunnel import Datapath, Peer
+from moat.durable import atomic_write
+from moat.errors import MoatError
 from portal.control import MAX_LINE
 from portal.db import Database, NoSuchMoat
-from portal.record import MoatRecord, RecordError
+from portal.record import Learned, MoatRecord, RecordError, SaPair
 from portal.settings import PortalSettings
 
 log = logging.getLogger(__name__)
 
-CLIENT_TIMEOUT = 5.0
+SEQUENCE_BLOCK = 1 << 24  # outbound sequence numbers reserved at a time
+SEQUENCE_FILE = ".sequence.json"
+REKEY_GRACE = 10.0
+CLIENT_TIMEOUT = 2.0
+DEFAULT_TUN = "portal0"
 
 
-class MoatTable:
-    """The daemon's view of the database: one entry per valid moat."""
+@dataclass
+class MoatState:
+    record: MoatRecord
+    up: bool = False
+    problem: str = ""
 
-    def __init__(self, db: Database) -> None:
+
+def _inbound(sa: SaPair, rec: MoatRecord, networks: list[IPv4Network]) -> InboundSA:
+    cfg = SAConfig(spi=sa.spi_to_portal, transform=sa.transform, key=sa.key_to_portal)
+    return InboundSA(cfg, Selectors(networks, [rec.subnet]))
+
+
+def _outbound(sa: SaPair) -> OutboundSA:
+    return OutboundSA(
+        SAConfig(spi=sa.spi_to_moat, transform=sa.transform, key=sa.key_to_moat)
+    )
+
+
+class Portal:
+    """The moat table, the Datapath and the glue between them (no I/O loop)."""
+
+    def __init__(self, db: Database, settings: PortalSettings) -> None:
         self.db = db
-        self.moats: dict[str, MoatRecord] = {}
+        self.settings = settings
+        self.networks = list(settings.networks)
+        self.dp = Datapath(rekey_grace=REKEY_GRACE, on_roam=self._roamed)
+        self.moats: dict[str, MoatState] = {}
         self.problems: dict[str, str] = {}
-        self.counters: dict[str, int] = {"reloads": 0, "added": 0, "removed": 0}
+        self.counters: dict[str, int] = {
+            "reloads": 0, "added": 0, "removed": 0, "rekeyed": 0, "failed": 0,
+            "roamed": 0,
+        }  # fmt: skip
+        self.sequence_path = db.root / SEQUENCE_FILE
+        self.reserved: dict[str, list[int]] = self._read_reserved()
+        self._reserved_dirty = False
+        self.load_seconds = 0.0
 
-    def load(self) -> float:
+    # --- loading ---------------------------------------------------------------
+
+    def load(self, now: float) -> None:
         start = time.monotonic()
         snap = self.db.load_all()
-        self.moats = snap.records
-        self.problems = snap.problems
-        return time.monotonic() - start
+        self.problems = dict(snap.problems)
+        for rec in snap.records.values():
+            self.moats[rec.id] = MoatState(rec)
+            self._bring_up(rec, now, restored=True)
+        self.load_seconds = time.monotonic() - start
 
-    def reload(self, moat_id: str) -> str:
-        """Apply one record's change; returns what happened."""
+    def _peer(self, rec: MoatRecord, restored: bool) -> Peer | None:
+        if rec.sa is None or rec.learned.address is None:
+            return None  # never registered: nothing to talk to yet
+        out_sa = _outbound(rec.sa)
+        if restored:
+            out_sa.seq = self._restart_sequence(rec.id, rec.sa.spi_to_moat)
+        port = rec.learned.port or self.settings.port
+        return Peer(
+            name=rec.id,
+            out_sa=out_sa,
+            in_sa=_inbound(rec.sa, rec, self.networks),
+            endpoint=(str(rec.learned.address), port if self._udp else 0),
+            encapsulation=self.settings.encapsulation,
+            local_subnets=self.networks,
+            remote_subnets=[rec.subnet],
+        )
+
+    @property
+    def _udp(self) -> bool:
+        return self.settings.encapsulation == "udp"
+
+    def _bring_up(self, rec: MoatRecord, now: float, restored: bool = False) -> None:
+        """Install one moat's peer; a failure is that moat's problem only."""
+        state = self.moats[rec.id]
+        try:
+            peer = self._peer(rec, restored)
+            if peer is None:
+                return
+            self.dp.add_peer(peer, now)
+            if rec.sa_previous is not None and not restored:
+                self.dp.rekey(rec.id, None, _inbound(rec.sa_previous, rec, []), now)
+            state.up, state.problem = True, ""
+        except (EspError, ValueError) as exc:
+            state.up, state.problem = False, str(exc)
+            self.counters["failed"] += 1
+            log.warning("moat %s: tunnel not brought up: %s", rec.id, exc)
+
+    # --- changes ---------------------------------------------------------------
+
+    def reload(self, moat_id: str, now: float) -> str:
+        """Apply the current record of one moat; returns what happened."""
         self.counters["reloads"] += 1
         name = f"{moat_id}.toml"
         try:
             rec = self.db.get(moat_id)
         except NoSuchMoat:
             self.problems.pop(name, None)
-            if self.moats.pop(moat_id, None) is not None:
-                self.counters["removed"] += 1
-                log.info("moat %s removed", moat_id)
-                return "removed"
-            return "absent"
+            return self._remove(moat_id)
         except RecordError as exc:
             self.problems[name] = str(exc)
-            self.moats.pop(moat_id, None)
             log.warning("moat record %s skipped: %s", name, exc)
+            self._remove(moat_id)
             return "skipped"
         self.problems.pop(name, None)
-        old = self.moats.get(moat_id)
-        self.moats[moat_id] = rec
-        if old is None:
+        state = self.moats.get(moat_id)
+        if state is None:
+            self.moats[moat_id] = MoatState(rec)
             self.counters["added"] += 1
+            self._bring_up(rec, now)
             log.info("moat %s added (subnet %s)", moat_id, rec.subnet)
             return "added"
-        log.info("moat %s updated (version %d)", moat_id, rec.version)
+        old = state.record
+        state.record = rec
+        peer = self.dp.peers.get(moat_id)
+        if peer is None or old.subnet != rec.subnet:
+            if peer is not None:
+                self.dp.remove_peer(moat_id)
+            self._bring_up(rec, now)
+            return "up" if peer is None else "replaced"
+        if rec.sa is not None and rec.sa != old.sa:
+            try:
+                self.dp.rekey(
+                    moat_id,
+                    _outbound(rec.sa),
+                    _inbound(rec.sa, rec, self.networks),
+                    now,
+                )
+                self.counters["rekeyed"] += 1
+            except (EspError, ValueError) as exc:
+                state.problem = str(exc)
+                self.counters["failed"] += 1
+                log.warning("moat %s: rekey failed: %s", moat_id, exc)
+                return "failed"
+        if rec.learned.address is not None and rec.learned != old.learned:
+            port = (rec.learned.port or self.settings.port) if self._udp else 0
+            peer.endpoint = (str(rec.learned.address), port)
         return "updated"
 
-    def status(self) -> dict[str, Any]:
-        return {
+    def _remove(self, moat_id: str) -> str:
+        if self.moats.pop(moat_id, None) is None:
+            return "absent"
+        if moat_id in self.dp.peers:
+            self.dp.remove_peer(moat_id)
+        self.reserved.pop(moat_id, None)
+        self.counters["removed"] += 1
+        log.info("moat %s removed", moat_id)
+        return "removed"
+
+    def _roamed(self, peer: Peer, old: Address, new: Address) -> None:
+        """Persist an endpoint the Datapath learned from authenticated ESP."""
+        self.counters["roamed"] += 1
+        state = self.moats.get(peer.name)
+        if state is None:
+            return
+        try:
+            rec = self.db.get(peer.name)
+            learned = Learned(
+                address=IPv4Address(new[0]),
+                port=new[1] or rec.learned.port,
+                registered=rec.learned.registered,
+            )
+            state.record = self.db.update(rec.replace(learned=learned), rec.version)
+        except (MoatError, ValueError) as exc:
+            log.info(
+                "moat %s moved to %s:%d, record not updated: %s", peer.name, *new, exc
+            )
+
+    # --- sequence reservation -------------------------------------------------------
+
+    def _read_reserved(self) -> dict[str, list[int]]:
+        try:
+            data = json.loads(self.sequence_path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 2}
+
+    def _restart_sequence(self, moat_id: str, spi: int) -> int:
+        entry = self.reserved.get(moat_id)
+        if entry is not None and entry[0] == spi:
+            return int(entry[1])
+        return SEQUENCE_BLOCK
+
+    def reserve_sequences(self) -> None:
+        """Reserve the next block for every SA past half of its block."""
+        for name, peer in self.dp.peers.items():
+            spi, seq = peer.out_sa.cfg.spi, peer.out_sa.seq
+            entry = self.reserved.get(name)
+            limit = (
+                entry[1] if entry is not None and entry[0] == spi else SEQUENCE_BLOCK
+            )
+            if seq + SEQUENCE_BLOCK // 2 > limit:
+                self.reserved[name] = [spi, seq + SEQUENCE_BLOCK]
+                self._reserved_dirty = True
+        if self._reserved_dirty:
+            atomic_write(self.sequence_path, json.dumps(self.reserved).encode(), 0o600)
+            self._reserved_dirty = False
+
+    # --- status ---------------------------------------------------------------------
+
+    def status(self, verbose: bool = False) -> dict[str, Any]:
+        up = sum(
+            1 for s in self.moats.values() if s.up and s.record.id in self.dp.peers
+        )
+        out: dict[str, Any] = {
             "moats": len(self.moats),
-            "registered": sum(1 for r in self.moats.values() if r.sa is not None),
+            "up": up,
+            "registered": sum(
+                1 for s in self.moats.values() if s.record.sa is not None
+            ),
+            "load_seconds": round(self.load_seconds, 3),
             "problems": self.problems,
+            "failed": {k: s.problem for k, s in self.moats.items() if s.problem},
             "counters": self.counters,
+            "datapath": dict(self.dp.counters),
         }
+        if verbose:
+            out["peers"] = self.dp.status()["peers"]
+        return out
 
 
-def _handle(table: MoatTable, line: bytes) -> dict[str, Any]:
+class PortalControl(ControlServer):
+    """The datapath loop's control socket, speaking portal/control.py."""
+
+    def __init__(self, path: str, portal: Portal) -> None:
+        super().__init__(path, portal.status)
+        self.portal = portal
+
+    def serve_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(CLIENT_TIMEOUT)
+            try:
+                data = b""
+                while b"\n" not in data and len(data) < MAX_LINE:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                answer = handle(self.portal, data.split(b"\n", 1)[0])
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+            except OSError as exc:
+                log.debug("control connection failed: %s", exc)
+
+
+def handle(portal: Portal, line: bytes) -> dict[str, Any]:
     try:
         req = json.loads(line)
     except ValueError:
@@ -98,106 +311,75 @@ def _handle(table: MoatTable, line: bytes) -> dict[str, Any]:
     if op == "ping":
         return {"ok": True}
     if op == "status":
-        return {"ok": True, **table.status()}
+        return {"ok": True, **portal.status(bool(req.get("verbose")))}
     if op == "reload":
         moat_id = req.get("id")
         if not isinstance(moat_id, str):
             return {"ok": False, "error": "reload needs an id"}
-        return {"ok": True, "result": table.reload(moat_id)}
+        return {"ok": True, "result": portal.reload(moat_id, time.monotonic())}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
-def _listen(path: str) -> socket.socket:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
-def serve(db: Database, settings: PortalSettings, status_interval: float) -> int:
-    table = MoatTable(db)
-    took = table.load()
-    log.info(
-        "portal started: %d moats loaded in %.2fs, %d skipped",
-        len(table.moats),
-        took,
-        len(table.problems),
+def _kernel_routes(tun: Tun, portal: Portal) -> None:
+    """The pool, plus any moat subnet outside it, to the TUN device (batched)."""
+    pool = portal.settings.pool
+    prefixes = [pool] + [
+        s.record.subnet
+        for s in portal.moats.values()
+        if not s.record.subnet.subnet_of(pool)
+    ]
+    batch = "".join(f"route replace {p} dev {tun.name}\n" for p in prefixes)
+    res = subprocess.run(
+        ["ip", "-batch", "-"], input=batch, capture_output=True, text=True
     )
-    print(f"portal: {len(table.moats)} moats loaded in {took:.2f}s", flush=True)
-    listener = _listen(settings.control)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    buffers: dict[socket.socket, bytes] = {}
-    running = True
+    if res.returncode != 0:
+        log.warning("kernel routes: %s", res.stderr.strip())
 
-    def stop(*_: object) -> None:
-        nonlocal running
-        running = False
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+def serve(db: Database, settings: PortalSettings, tun_name: str = DEFAULT_TUN) -> int:
+    portal = Portal(db, settings)
+    portal.load(time.monotonic())
+    status = portal.status()
+    log.info(
+        "portal: %d moats loaded in %.2fs, %d tunnels up, %d records skipped",
+        status["moats"], portal.load_seconds, status["up"], len(status["problems"]),
+    )  # fmt: skip
+    print(
+        f"portal: {status['moats']} moats loaded in {portal.load_seconds:.2f}s,"
+        f" {status['up']} tunnels up, {len(status['problems'])} skipped",
+        flush=True,
+    )
+    tun = Tun(tun_name)
+    sock: OuterSocket | None = None
+    control: PortalControl | None = None
     try:
-        while running:
-            for key, _ in sel.select(timeout=1.0):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is listener:
-                    try:
-                        conn, _ = listener.accept()
-                    except BlockingIOError:
-                        continue
-                    conn.setblocking(False)
-                    buffers[conn] = b""
-                    sel.register(conn, selectors.EVENT_READ)
-                    continue
-                _serve_client(sel, buffers, table, sock)
+        try:
+            if settings.encapsulation == "udp":
+                sock = UdpSocket(settings.endpoint, settings.port)
+            else:
+                sock = RawEspSocket(settings.endpoint)
+        except OSError as exc:
+            raise MoatError(
+                f"cannot open the ESP socket on {settings.endpoint}: {exc.strerror}"
+            ) from None
+        tun.set_up()
+        _kernel_routes(tun, portal)
+        control = PortalControl(settings.control, portal)
+        loop = EventLoop(portal.dp, tun, {settings.encapsulation: sock}, control)
+        poll = portal.dp.poll
+
+        def poll_and_reserve(now: float) -> None:
+            poll(now)
+            portal.reserve_sequences()
+
+        portal.dp.poll = poll_and_reserve  # type: ignore[method-assign]
+        loop.run()
+        portal.reserve_sequences()
+        log.info("portal stopped")
+        return 0
     finally:
-        sel.close()
-        listener.close()
-        for conn in buffers:
-            conn.close()
-        try:
-            os.unlink(settings.control)
-        except FileNotFoundError:
-            pass
-    log.info("portal stopped")
-    return 0
-
-
-def _serve_client(
-    sel: selectors.BaseSelector,
-    buffers: dict[socket.socket, bytes],
-    table: MoatTable,
-    conn: socket.socket,
-) -> None:
-    try:
-        chunk = conn.recv(65536)
-    except (BlockingIOError, InterruptedError):
-        return
-    except OSError:
-        chunk = b""
-    data = buffers[conn] + chunk
-    if chunk and b"\n" not in data and len(data) < MAX_LINE:
-        buffers[conn] = data
-        return
-    sel.unregister(conn)
-    del buffers[conn]
-    if b"\n" in data:
-        answer = _handle(table, data.split(b"\n", 1)[0])
-        try:
-            conn.setblocking(True)
-            conn.settimeout(CLIENT_TIMEOUT)
-            conn.sendall(json.dumps(answer).encode() + b"\n")
-        except OSError:
-            pass
-    conn.close()
+        if control is not None:
+            control.close()
+        if sock is not None:
+            sock.close()
+        tun.close()

@@ -18,13 +18,16 @@ Failures are retried with exponential backoff and jitter.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
 import random
 import signal
 import subprocess
+import sys
 import threading
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,12 @@ BACKOFF_FIRST = 2.0
 BACKOFF_MAX = 300.0
 DEFAULT_INTERVAL = 3600
 PROTOCOL_VERSION = 1
+TUNNEL_REKEY_GRACE = 2.0
+MOAT_ARGV = (
+    [sys.executable, "-m", "moat"]
+    if not getattr(sys, "frozen", False)
+    else [sys.executable]
+)
 
 
 class RegistrationFailed(MoatError):
@@ -61,6 +70,9 @@ class MoatConfig:
     interval: int
     tunnel_pidfile: Path | None
     pidfile: Path
+    state_file: Path
+    tun: str
+    tunnel_control: Path
 
 
 def load_config(path: str | Path) -> MoatConfig:
@@ -101,6 +113,9 @@ def load_config(path: str | Path) -> MoatConfig:
         interval=number("interval", DEFAULT_INTERVAL),
         tunnel_pidfile=base / tunnel_pid if isinstance(tunnel_pid, str) else None,
         pidfile=base / text("pidfile", "register.pid"),
+        state_file=base / text("state_file", "registration.json"),
+        tun=text("tun", "moat0"),
+        tunnel_control=base / text("tunnel_control", "tunnel.sock"),
     )
 
 
@@ -132,10 +147,10 @@ def ssh_argv(cfg: MoatConfig, generation: int | None) -> list[str]:
 
 def current_generation(cfg: MoatConfig) -> int | None:
     try:
-        doc = tomllib.loads(cfg.tunnel_config.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+        state = json.loads(cfg.state_file.read_text())
+    except (OSError, ValueError):
         return None
-    gen = doc.get("generation")
+    gen = state.get("generation") if isinstance(state, dict) else None
     return gen if isinstance(gen, int) and not isinstance(gen, bool) else None
 
 
@@ -158,6 +173,8 @@ def parse_answer(stdout: str) -> dict[str, Any]:
         str(answer["portal"]["address"])
         int(answer["portal"]["port"])
         int(answer["generation"])
+        if not answer["networks"]:
+            raise ValueError("no networks behind the portal")
     except (KeyError, TypeError, ValueError) as exc:
         raise RegistrationFailed(f"portal answer incomplete: {exc}") from None
     return answer
@@ -188,7 +205,6 @@ def register_once(cfg: MoatConfig) -> dict[str, Any]:
             f"{exc}{': ' if detail else ''}{''.join(detail)}"
         ) from None
     write_tunnel_config(cfg, answer)
-    signal_tunnel(cfg)
     log.info(
         "registered %s from %s: generation %s",
         cfg.id,
@@ -198,63 +214,80 @@ def register_once(cfg: MoatConfig) -> dict[str, Any]:
     return answer
 
 
-def tunnel_config_text(answer: dict[str, Any], previous: str | None) -> str:
-    """The tunnel's SA file: the answer as TOML, the last inbound SA kept.
+def tunnel_config_text(cfg: MoatConfig, answer: dict[str, Any]) -> str:
+    """A `moat tunnel` configuration (datapath/config.py) from the answer.
 
-    Keeping the previous inbound SA lets packets the portal sealed before it
-    switched still arrive (make-before-break).
+    The outer socket is bound to the wildcard address: the wild-side address
+    changes with DHCP while the tunnel keeps running. A short rekey grace:
+    the moat switches to the new outbound SA soon after a registration, the
+    portal follows as soon as it sees that SA used (make-before-break).
     """
+    portal = answer["portal"]
+    networks = ", ".join(f'"{ipaddress.IPv4Network(n)}"' for n in answer["networks"])
+    subnet = ipaddress.IPv4Network(answer["subnet"])
 
     def sa_table(name: str, sa: dict[str, Any]) -> list[str]:
         return [
-            f"[{name}]",
+            f"[sa.{name}]",
             f"spi = {int(sa['spi'])}",
             f'transform = "{sa["transform"]}"',
             f'key = "{bytes.fromhex(sa["key"]).hex()}"',
             "",
         ]
 
-    portal = answer["portal"]
     lines = [
-        "# written by `moat register`; replaced at every registration",
-        f"generation = {int(answer['generation'])}",
-        f'moat = "{answer["moat"]}"',
-        f'remote = "{portal["address"]}"',
-        f"remote_port = {int(portal['port'])}",
+        f"# written by `moat register` (generation {int(answer['generation'])})",
+        "[tunnel]",
+        'name = "portal"',
         f'encapsulation = "{portal["encapsulation"]}"',
-        f'subnet = "{answer["subnet"]}"',
-        "networks = [" + ", ".join(f'"{n}"' for n in answer["networks"]) + "]",
-        f"rekey_after = {int(answer.get('rekey_after', DEFAULT_INTERVAL))}",
+        f"rekey_grace = {TUNNEL_REKEY_GRACE}",
+        f'control_socket = "{cfg.tunnel_control}"',
+        "",
+        "[tun]",
+        f'name = "{cfg.tun}"',
+        f"routes = [{networks}]",
+        "",
+        "[outer]",
+        'local = "0.0.0.0"',
+        f'remote = "{ipaddress.IPv4Address(portal["address"])}"',
+        f"port = {int(portal['port'])}",
+        f"remote_port = {int(portal['port'])}",
+        "",
+        "[selectors]",
+        f'local = ["{subnet}"]',
+        f"remote = [{networks}]",
         "",
     ]
-    lines += sa_table("sa_in", answer["sa_in"])
-    lines += sa_table("sa_out", answer["sa_out"])
-    if previous:
-        lines += sa_table("sa_in_previous", json.loads(previous))
+    lines += sa_table("in", answer["sa_in"])
+    lines += sa_table("out", answer["sa_out"])
     return "\n".join(lines)
 
 
 def write_tunnel_config(cfg: MoatConfig, answer: dict[str, Any]) -> None:
-    previous = None
-    try:
-        old = tomllib.loads(cfg.tunnel_config.read_text())
-        if isinstance(old.get("sa_in"), dict):
-            previous = json.dumps(old["sa_in"])
-    except (OSError, tomllib.TOMLDecodeError):
-        pass
-    atomic_write_text(cfg.tunnel_config, tunnel_config_text(answer, previous), 0o600)
+    atomic_write_text(cfg.tunnel_config, tunnel_config_text(cfg, answer), 0o600)
+    state = {
+        "generation": int(answer["generation"]),
+        "address": answer.get("seen", {}).get("address"),
+        "registered": time.time(),
+        "rekey_after": int(answer.get("rekey_after", DEFAULT_INTERVAL)),
+    }
+    atomic_write_text(cfg.state_file, json.dumps(state) + "\n")
 
 
-def signal_tunnel(cfg: MoatConfig) -> None:
-    if cfg.tunnel_pidfile is None:
-        return
+def signal_tunnel(
+    cfg: MoatConfig, tunnel: subprocess.Popen[bytes] | None = None
+) -> None:
+    """SIGHUP the tunnel: our child, else the pid in tunnel_pidfile."""
     try:
+        if tunnel is not None:
+            tunnel.send_signal(signal.SIGHUP)
+            return
+        if cfg.tunnel_pidfile is None:
+            return
         pid = int(cfg.tunnel_pidfile.read_text().split()[0])
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError, IndexError) as exc:
-        log.warning(
-            "could not tell the tunnel to reload (%s): %s", cfg.tunnel_pidfile, exc
-        )
+        log.warning("could not tell the tunnel to reload: %s", exc)
 
 
 def backoff(failures: int, rng: random.Random) -> float:
@@ -263,7 +296,37 @@ def backoff(failures: int, rng: random.Random) -> float:
     return delay * (0.75 + rng.random() * 0.25)
 
 
-def run_daemon(cfg: MoatConfig, stop: threading.Event | None = None) -> int:
+class TunnelChild:
+    """`moat tunnel` as our child: started after the first registration,
+    told about new SAs with SIGHUP, restarted if it dies."""
+
+    def __init__(self, cfg: MoatConfig) -> None:
+        self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def registered(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            signal_tunnel(self.cfg, self.proc)
+            return
+        argv = [*MOAT_ARGV, "tunnel", "--config", str(self.cfg.tunnel_config)]
+        self.proc = subprocess.Popen(argv)
+        log.info("tunnel started (pid %d)", self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_daemon(
+    cfg: MoatConfig, stop: threading.Event | None = None, start_tunnel: bool = True
+) -> int:
     """Register now, then on schedule or when woken; never gives up."""
     wake = threading.Event()
     stop = stop or threading.Event()
@@ -275,6 +338,7 @@ def run_daemon(cfg: MoatConfig, stop: threading.Event | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     atomic_write_text(cfg.pidfile, f"{os.getpid()}\n")
+    tunnel = TunnelChild(cfg) if start_tunnel else None
     rng = random.Random()
     failures = 0
     try:
@@ -282,18 +346,39 @@ def run_daemon(cfg: MoatConfig, stop: threading.Event | None = None) -> int:
             try:
                 answer = register_once(cfg)
                 failures = 0
-                delay = float(
-                    min(cfg.interval, int(answer.get("rekey_after", cfg.interval)))
-                )
+                if tunnel is not None:
+                    tunnel.registered()
+                else:
+                    signal_tunnel(cfg)
+                rekey_after = int(answer.get("rekey_after", cfg.interval))
+                delay = float(min(cfg.interval, rekey_after))
             except RegistrationFailed as exc:
                 failures += 1
                 delay = backoff(failures, rng)
                 log.warning(
                     "registration failed (%d): %s; retry in %.0fs", failures, exc, delay
                 )
-            wake.wait(delay)
+            # wake early: DHCP hook (SIGUSR1), or the tunnel died
+            deadline = time.monotonic() + delay
+            while not stop.is_set() and not wake.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if (
+                    tunnel is not None
+                    and tunnel.proc is not None
+                    and not tunnel.alive()
+                ):
+                    log.warning(
+                        "tunnel exited (%s); registering again", tunnel.proc.returncode
+                    )
+                    tunnel.proc = None
+                    break
+                wake.wait(min(left, 1.0))
             wake.clear()
     finally:
+        if tunnel is not None:
+            tunnel.stop()
         cfg.pidfile.unlink(missing_ok=True)
     return 0
 
@@ -323,16 +408,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="wake the running daemon (address changed), or register once",
     )
+    parser.add_argument(
+        "--no-tunnel",
+        action="store_true",
+        help="with --daemon: do not run `moat tunnel` (signal tunnel_pidfile instead)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.daemon:
-        return run_daemon(cfg)
+        return run_daemon(cfg, start_tunnel=not args.no_tunnel)
     if args.now and wake_daemon(cfg):
         print("register daemon woken")
         return 0
     answer = register_once(cfg)
+    signal_tunnel(cfg)
     print(
         f"registered {answer['moat']} from {answer.get('seen', {}).get('address')}:"
         f" generation {answer['generation']}, portal {answer['portal']['address']}"

@@ -26,7 +26,7 @@ def moat_argv(*args: str) -> list[str]:
 
 class PortalSite:
     def __init__(
-        self, host: Host, address: str, networks: tuple[str, ...] = ()
+        self, host: Host, address: str, networks: tuple[str, ...] = ("10.10.0.0/16",)
     ) -> None:
         self.host = host
         self.address = address

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from netns import Host, Lab
 from portal_lab import SSH_PORT, PortalSite, moat_argv
 
+from datapath import config as tunnel_config
 from portal.db import Database
 from portal.register import load_config, ssh_argv
 
@@ -72,17 +72,22 @@ def test_registration_and_refusals(
     print(f"registration through sshd took {took:.2f}s")
     rec = db.get("m1")
     assert str(rec.learned.address) == MOAT
-    tunnel = tomllib.loads((m1 / "tunnel.toml").read_text())
+    tunnel = tunnel_config.load(m1 / "tunnel.toml")
     assert rec.sa is not None
-    assert tunnel["sa_out"]["spi"] == rec.sa.spi_to_portal
-    assert tunnel["sa_out"]["key"] == rec.sa.key_to_portal.hex()
-    assert tunnel["remote"] == PORTAL and tunnel["subnet"] == str(rec.subnet)
-    # a second registration rotates the keys and keeps the old inbound SA
+    assert tunnel.sa_out.spi == rec.sa.spi_to_portal
+    assert tunnel.sa_out.key == rec.sa.key_to_portal
+    assert str(tunnel.outer.remote) == PORTAL
+    assert [str(n) for n in tunnel.local_subnets] == [str(rec.subnet)]
+    state = json.loads((m1 / "registration.json").read_text())
+    assert state["address"] == MOAT
+    # a second registration rotates the keys
     assert register(moat, m1).returncode == 0
-    tunnel2 = tomllib.loads((m1 / "tunnel.toml").read_text())
-    assert tunnel2["generation"] == tunnel["generation"] + 1
-    assert tunnel2["sa_in_previous"] == tunnel["sa_in"]
-    assert tunnel2["sa_out"]["key"] != tunnel["sa_out"]["key"]
+    tunnel2 = tunnel_config.load(m1 / "tunnel.toml")
+    assert json.loads((m1 / "registration.json").read_text())["generation"] == (
+        state["generation"] + 1
+    )
+    assert tunnel2.sa_out.key != tunnel.sa_out.key
+    assert tunnel2.sa_in.spi != tunnel.sa_in.spi
 
     # a key not in the database is refused by sshd
     stranger = tmp_path / "stranger"
