@@ -140,7 +140,8 @@ def test_import_export_moves_moats_between_portals(
     # a second portal takes the export: same ids, subnets and keys, no new keys
     other = tmp_path / "other"
     moat(moat_cmd, other, "init", "--endpoint", "192.0.2.2", "--pool", "10.201.0.0/16",
-         "--network", "10.10.0.0/16", "--host-key", str(tmp_path / "hk.pub"))  # fmt: skip
+         "--network", "10.10.0.0/16", "--host-key", str(tmp_path / "hk.pub"),
+    )  # fmt: skip
     (tmp_path / "export.csv").write_text(exported)
     moat(moat_cmd, other, "import", str(tmp_path / "export.csv"), "--no-mail")
     a = Database(portal_db).load_all().records
