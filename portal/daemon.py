@@ -38,12 +38,12 @@ from datapath.loop import ControlServer, EventLoop
 from datapath.outer import Address, OuterSocket, RawEspSocket, UdpSocket
 from datapath.selector import Selectors
 from datapath.tun import Tun
-from datapath.tunnel import Datapath, Peer
+from datapath.tunnel import Datapath, Peer, esp_space
 from moat.durable import atomic_write
 from moat.errors import MoatError
 from portal.control import MAX_LINE
 from portal.db import Database, NoSuchMoat
-from portal.record import Learned, MoatRecord, RecordError, SaPair
+from portal.record import TRANSFORM_KEY_BYTES, Learned, MoatRecord, RecordError, SaPair
 from portal.settings import PortalSettings
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ SEQUENCE_FILE = ".sequence.json"
 REKEY_GRACE = 10.0
 CLIENT_TIMEOUT = 2.0
 DEFAULT_TUN = "portal0"
+OUTER_MTU = 1500
+SPI_PROBE = 256  # any valid SPI: only sizes are asked of this SA
 
 
 @dataclass
@@ -336,6 +338,13 @@ def _kernel_routes(tun: Tun, portal: Portal) -> None:
         log.warning("kernel routes: %s", res.stderr.strip())
 
 
+def inner_mtu(settings: PortalSettings, outer_mtu: int = OUTER_MTU) -> int:
+    """The TUN MTU: the largest inner packet one ESP packet carries unfragmented."""
+    key = bytes(TRANSFORM_KEY_BYTES[settings.transform])
+    sa = OutboundSA(SAConfig(spi=SPI_PROBE, transform=settings.transform, key=key))
+    return sa.max_payload(esp_space(outer_mtu, 4, settings.encapsulation))
+
+
 def serve(db: Database, settings: PortalSettings, tun_name: str = DEFAULT_TUN) -> int:
     portal = Portal(db, settings)
     portal.load(time.monotonic())
@@ -362,6 +371,7 @@ def serve(db: Database, settings: PortalSettings, tun_name: str = DEFAULT_TUN) -
             raise MoatError(
                 f"cannot open the ESP socket on {settings.endpoint}: {exc.strerror}"
             ) from None
+        tun.set_mtu(inner_mtu(settings))
         tun.set_up()
         _kernel_routes(tun, portal)
         control = PortalControl(settings.control, portal)
