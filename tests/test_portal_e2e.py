@@ -261,9 +261,7 @@ def test_end_to_end(world: tuple[World, PortalSite], tmp_path: Path) -> None:
     result = json.loads(out)
     after = db.get("m1").sa
     assert after is not None and after.generation > before.generation
-    print(
-        f"rekey under TCP: {result['bytes']} bytes, gap {result['max_gap']:.3f}s max"
-    )
+    print(f"rekey under TCP: {result['bytes']} bytes, gap {result['max_gap']:.3f}s max")
     assert result["bytes"] > 1_000_000
     assert result["max_gap"] < 1.0
     peer = portal_status(site)["peers"]["m1"]  # type: ignore[index]
