@@ -37,7 +37,7 @@ from datapath.esp import EspError, InboundSA, OutboundSA, SAConfig
 from datapath.loop import ControlServer, EventLoop
 from datapath.outer import Address, OuterSocket, RawEspSocket, UdpSocket
 from datapath.selector import Selectors
-from datapath.tun import Tun
+from datapath.tun import MAX_PACKET, Tun
 from datapath.tunnel import Datapath, Peer, esp_space
 from moat.durable import atomic_write
 from moat.errors import MoatError
@@ -120,6 +120,7 @@ class Portal:
             encapsulation=self.settings.encapsulation,
             local_subnets=self.networks,
             remote_subnets=[rec.subnet],
+            mtu_policy=self.settings.mtu_policy,
         )
 
     @property
@@ -338,8 +339,12 @@ def _kernel_routes(tun: Tun, portal: Portal) -> None:
         log.warning("kernel routes: %s", res.stderr.strip())
 
 
-def inner_mtu(settings: PortalSettings, outer_mtu: int = OUTER_MTU) -> int:
-    """The TUN MTU: the largest inner packet one ESP packet carries unfragmented."""
+def tun_mtu(settings: PortalSettings, outer_mtu: int = OUTER_MTU) -> int:
+    """The TUN MTU the MTU policy wants (as `moat tunnel` chooses it)."""
+    if settings.mtu_policy in ("virtual-large", "aggfrag"):
+        return MAX_PACKET
+    if settings.mtu_policy in ("classic", "clamp-mss"):
+        return outer_mtu
     key = bytes(TRANSFORM_KEY_BYTES[settings.transform])
     sa = OutboundSA(SAConfig(spi=SPI_PROBE, transform=settings.transform, key=key))
     return sa.max_payload(esp_space(outer_mtu, 4, settings.encapsulation))
@@ -371,7 +376,7 @@ def serve(db: Database, settings: PortalSettings, tun_name: str = DEFAULT_TUN) -
             raise MoatError(
                 f"cannot open the ESP socket on {settings.endpoint}: {exc.strerror}"
             ) from None
-        tun.set_mtu(inner_mtu(settings))
+        tun.set_mtu(tun_mtu(settings))
         tun.set_up()
         _kernel_routes(tun, portal)
         control = PortalControl(settings.control, portal)

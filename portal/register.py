@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datapath.config import DEFAULT_MTU_POLICY, MTU_POLICIES
 from moat.durable import atomic_write_text
 from moat.errors import ConfigError, MoatError
 
@@ -173,6 +174,8 @@ def parse_answer(stdout: str) -> dict[str, Any]:
         str(answer["portal"]["address"])
         int(answer["portal"]["port"])
         int(answer["generation"])
+        if answer["portal"].get("mtu_policy", DEFAULT_MTU_POLICY) not in MTU_POLICIES:
+            raise ValueError("unknown mtu_policy")
         if not answer["networks"]:
             raise ValueError("no networks behind the portal")
     except (KeyError, TypeError, ValueError) as exc:
@@ -240,6 +243,7 @@ def tunnel_config_text(cfg: MoatConfig, answer: dict[str, Any]) -> str:
         "[tunnel]",
         'name = "portal"',
         f'encapsulation = "{portal["encapsulation"]}"',
+        f'mtu_policy = "{portal.get("mtu_policy", DEFAULT_MTU_POLICY)}"',
         f"rekey_grace = {TUNNEL_REKEY_GRACE}",
         f'control_socket = "{cfg.tunnel_control}"',
         "",

@@ -138,6 +138,7 @@ def answer_for(settings: PortalSettings, rec: MoatRecord) -> dict[str, Any]:
             "address": str(settings.endpoint),
             "port": settings.port,
             "encapsulation": settings.encapsulation,
+            "mtu_policy": settings.mtu_policy,
         },
         "subnet": str(rec.subnet),
         "networks": [str(n) for n in settings.networks],

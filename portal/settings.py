@@ -11,6 +11,7 @@
     prefix = 28                     # size of each moat's subnet
     networks = ["10.10.0.0/16"]     # the corporate networks behind the portal
     transform = "aes-gcm-128"
+    mtu_policy = "virtual-large"    # both ends use it (datapath/config.py)
     control = "/run/moat/portal.sock"  # the daemon's control socket
     register_command = "/usr/bin/moat portal register-session"
     outbox = "/var/lib/moat/outbox" # welcome mails land here without smtp
@@ -29,6 +30,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from datapath.config import DEFAULT_MTU_POLICY, MTU_POLICIES
 from moat.errors import ConfigError
 from portal.record import TRANSFORM_KEY_BYTES
 
@@ -49,6 +51,7 @@ class PortalSettings:
     prefix: int = 28
     networks: tuple[ipaddress.IPv4Network, ...] = ()
     transform: str = "aes-gcm-128"
+    mtu_policy: str = DEFAULT_MTU_POLICY
     control: str = "/run/moat/portal.sock"
     register_command: str = "/usr/bin/moat portal register-session"
     outbox: str = "/var/lib/moat/outbox"
@@ -108,6 +111,11 @@ def settings_from_dict(d: dict[str, Any], source: str) -> PortalSettings:
         raise ConfigError(
             source, "transform", f"one of {', '.join(sorted(TRANSFORM_KEY_BYTES))}"
         )
+    mtu_policy = _check(
+        "mtu_policy", d.get("mtu_policy", DEFAULT_MTU_POLICY), str, source
+    )
+    if mtu_policy not in MTU_POLICIES:
+        raise ConfigError(source, "mtu_policy", f"one of {', '.join(MTU_POLICIES)}")
     encapsulation = _check("encapsulation", d.get("encapsulation", "udp"), str, source)
     if encapsulation not in ENCAPSULATIONS:
         raise ConfigError(source, "encapsulation", "must be udp or esp")
@@ -130,6 +138,7 @@ def settings_from_dict(d: dict[str, Any], source: str) -> PortalSettings:
         prefix=prefix,
         networks=tuple(networks),
         transform=transform,
+        mtu_policy=mtu_policy,
         encapsulation=encapsulation,
         **rest,
     )
@@ -167,6 +176,7 @@ def settings_to_toml(s: PortalSettings) -> str:
             f"prefix = {s.prefix}",
             f"networks = [{nets}]",
             f"transform = {q(s.transform)}",
+            f"mtu_policy = {q(s.mtu_policy)}",
             f"control = {q(s.control)}",
             f"register_command = {q(s.register_command)}",
             f"outbox = {q(s.outbox)}",
