@@ -35,6 +35,7 @@ from datapath.vnet import VNET_HDR_SIZE, coalesce
 
 log = logging.getLogger(__name__)
 
+MIN_POLL_INTERVAL = 0.01
 BATCH = 64  # packets per read burst (also the UDP GSO segment cap)
 POLL_INTERVAL = 1.0  # seconds between Datapath.poll calls
 CONTROL_TIMEOUT = 2.0
@@ -163,7 +164,11 @@ class EventLoop:
                 if now >= next_poll:
                     self.dp.poll(now)
                     self._flush(now)
-                    next_poll = now + POLL_INTERVAL
+                    # sooner if an MTU policy timer (probe, drop timer) is due
+                    next_poll = max(
+                        now + MIN_POLL_INTERVAL,
+                        min(now + POLL_INTERVAL, self.dp.next_timer()),
+                    )
                 for fd, _ev in epoll.poll(max(0.0, next_poll - now)):
                     handlers[fd]()
                 if self._reload:

@@ -129,6 +129,15 @@ class EnvelopePolicy:
     def _flush(self) -> Payloads:
         return []
 
+    def next_timer(self) -> float:
+        """When poll() has work: a probe or a reassembly drop timer."""
+        when = self.plp.next_timer()
+        for r in self._reassemblers.values():
+            expiry = r.next_timer()
+            if expiry is not None:
+                when = min(when, expiry)
+        return when
+
     def on_emsgsize(self, size: int, now: float) -> None:
         """An outer packet of `size` bytes could not be sent (EMSGSIZE)."""
         self.plp.on_emsgsize(size, None, now)

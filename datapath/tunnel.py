@@ -649,6 +649,15 @@ class Datapath:
                 del self.spis[spi]
                 log.info("peer %s: inbound SPI %#x retired", entry.peer.name, spi)
 
+    def next_timer(self) -> float:
+        """Earliest time an MTU policy wants poll() (inf if none)."""
+        when = float("inf")
+        for peer in self.peers.values():
+            timer = getattr(peer.mtu_policy, "next_timer", None)
+            if timer is not None:
+                when = min(when, timer())
+        return when
+
     def _warn_violations(self, peer: Peer, now: float) -> None:
         """One WARNING per peer and interval summarising new drops."""
         counts = self.drop_counts(peer)
