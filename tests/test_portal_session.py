@@ -130,8 +130,12 @@ def test_session_records_address_and_rotates_keys(
     assert first["sa_out"]["key"] != second["sa_out"]["key"]
     assert second["sa_out"]["spi"] == rec.sa.spi_to_portal
     assert second["subnet"] == str(rec.subnet)
-    assert second["portal"] == {"address": "192.0.2.1", "port": 4500,
-                                "encapsulation": "udp"}  # fmt: skip
+    assert second["portal"] == {
+        "address": "192.0.2.1",
+        "port": 4500,
+        "encapsulation": "udp",
+        "mtu_policy": "virtual-large",
+    }
     # the moat side accepts it and writes its tunnel file
     answer = parse_answer(json.dumps({"ok": True, **second}))
     cfg = load_config_for_test(tmp_path)
