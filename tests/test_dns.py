@@ -20,6 +20,7 @@ import dns.versioned
 import dns.zone
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from services.dhcp.lease import LeaseDatabase
 from services.dns import zone as zonedata
@@ -336,3 +337,74 @@ def test_handler_fuzz_mutated_queries(
         if pos < len(data):
             data[pos] = value
     check_fuzz_outcome(make_handler(), bytes(data[: len(data) - cut]))
+
+
+# -- the secondary under arbitrary event sequences ------------------------------
+
+
+class SecondaryMachine(RuleBasedStateMachine):
+    """Random interleavings of time, answers, failures and NOTIFYs keep the
+    secondary's invariants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sec = Secondary("corp.example.", max_age=5000)
+        self.now = T0
+        self.held: int | None = None
+        self.last_ok: float | None = None
+
+    @rule(dt=st.floats(min_value=0, max_value=4000))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def start_due_action(self) -> None:
+        pending_before = self.sec.pending
+        action = self.sec.due(self.now)
+        if pending_before is not None:
+            assert action is None  # one action at a time
+
+    @rule(serial=st.integers(0, 2**32 - 1))
+    def primary_answers(self, serial: int) -> None:
+        action = self.sec.pending
+        if action is Action.CHECK_SOA:
+            self.sec.soa_answer(serial, self.now)
+            if self.held is not None and not serial_gt(serial, self.held):
+                self.last_ok = self.now
+        elif action is not None:
+            self.sec.transferred(SoaTimers(serial, 600, 60, 3600), self.now, action)
+            self.held, self.last_ok = serial, self.now
+
+    @rule()
+    def primary_fails(self) -> None:
+        if self.sec.pending is not None:
+            self.sec.failed(self.now, "test")
+
+    @rule(serial=st.none() | st.integers(0, 2**32 - 1))
+    def notify(self, serial: int | None) -> None:
+        self.sec.notify(serial, self.now)
+
+    @invariant()
+    def serving_follows_age(self) -> None:
+        serving = self.sec.serving(self.now)
+        if self.held is None or self.last_ok is None:
+            assert serving is Serving.EMPTY
+            return
+        assert self.sec.soa is not None and self.sec.soa.serial == self.held
+        age = self.now - self.last_ok
+        expected = (
+            Serving.FRESH
+            if age <= 3600
+            else Serving.PAST_EXPIRE
+            if age <= 5000
+            else Serving.TOO_OLD
+        )
+        assert serving is expected
+
+    @invariant()
+    def always_something_scheduled(self) -> None:
+        assert (self.sec.pending is None) != (self.sec.next_timer() is None)
+
+
+TestSecondaryMachine = SecondaryMachine.TestCase
+TestSecondaryMachine.settings = settings(max_examples=60, stateful_step_count=30)

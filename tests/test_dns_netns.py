@@ -374,9 +374,11 @@ def test_forwarder_ignores_spoofed_replies(
         resolvers = ["{RESOLVER}"]
         """)
     )
-    argv = [*moat_cmd, "dns", "--config", str(cfg), "-vv"]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.168.50.10 laptop\n")
+    argv = [*moat_cmd, "dns", "--config", str(cfg), "--hosts", str(hosts), "-vv"]
     spawn_logged(moat, tmp_path / "moat-dns.log", *argv)
-    wait_for((tmp_path / "run/dns.json").exists, timeout=20)
+    wait_for(lambda: "192.168.50.10" in dig(client, "laptop.lan"), timeout=20)
 
     out = dig(client, "host.example.net")
     line = answer_line(out, "host.example.net.")
