@@ -220,7 +220,12 @@ class InboundSA:
         self.ok = 0  # packets that passed every check
         self.last_received: float | None = None  # `now` of the last good packet
         self._drops: collections.Counter[str] = collections.Counter()
-        self._min_size = self.transform.min_packet_size
+        transform = self.transform
+        self._min_size = transform.min_packet_size
+        # header, IV and ICV around the encrypted part, whose length must be
+        # a whole number of cipher blocks (RFC 4303 §2.4)
+        self._unencrypted = ESP_HEADER_SIZE + transform.iv_size + transform.icv_size
+        self._block_size = transform.block_size
         self._open_transform = self.transform.open
         log.info(
             "inbound SA %#010x created: %s, esn %s, replay window %d, selectors %s",
@@ -244,7 +249,8 @@ class InboundSA:
 
     def open(self, packet: bytes, now: float) -> Opened | Drop:
         """The inner payload of an ESP packet, or why it was dropped."""
-        if len(packet) < self._min_size:
+        size = len(packet)
+        if size < self._min_size or (size - self._unencrypted) % self._block_size:
             return self._drop(Drop.MALFORMED)
         spi, seq_lo = _HEADER.unpack_from(packet)
         if spi != self.spi:  # the AEAD ESN AAD is built from self.spi
@@ -258,8 +264,8 @@ class InboundSA:
 
         # integrity, then decryption (RFC 4303 §3.4.4)
         plaintext = self._open_transform(packet, seq)
-        if plaintext is None:
-            return self._drop(Drop.ICV)
+        if not plaintext:  # None, or MALFORMED (not whole cipher blocks)
+            return self._drop(Drop.ICV if plaintext is None else Drop.MALFORMED)
         replay.update(seq)
 
         # trailer: padding 1, 2, 3, ..., pad length (RFC 4303 §2.4, §2.5);

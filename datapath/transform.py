@@ -16,9 +16,10 @@ associated data, SPI | seq_hi | seq_lo (RFC 4106 §5, RFC 7634 §2.1); HMAC
 transforms append them after the ciphertext for the ICV computation only.
 
 `seal()` returns the whole ESP packet; `open()` returns the decrypted
-payload with its trailer still attached, or None when the ICV does not
-verify. Length checks happen in the caller (see `min_packet_size`); the
-trailer is checked by the SA, the same way for every transform.
+payload with its trailer still attached, None when the ICV does not verify,
+or MALFORMED (empty) when a block cipher's ciphertext is not a whole number
+of blocks. The minimum length is checked by the caller (`min_packet_size`);
+the trailer is checked by the SA, the same way for every transform.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ SEQ_LO_MASK = 0xFFFF_FFFF
 AEAD_SALT_SIZE = 4  # RFC 4106 §8.1, RFC 7634 §2: KEYMAT = key | salt
 ICV_ALIGNMENT = 4  # RFC 4303 §2.4: the ICV starts on a 32-bit boundary
 MAX_PAD_LENGTH = 255
+
+# open() result for a packet that cannot be this transform's (never a
+# plaintext: every plaintext holds at least the 2-byte trailer)
+MALFORMED = b""
 
 # The default padding content, 1, 2, 3, ... (RFC 4303 §2.4).
 PADDING = bytes(range(1, MAX_PAD_LENGTH + 1))
@@ -265,7 +270,9 @@ class CbcHmacTransform(Transform):
     def open(self, packet: bytes, seq: int) -> bytes | None:
         icv_start = len(packet) - self.icv_size
         if (icv_start - self._ct_offset) % self.block_size:
-            return None
+            # the SA checks this first; the running CBC context must never
+            # be left holding a partial block
+            return MALFORMED
         signed = packet[:icv_start]
         if not hmac.compare_digest(self._icv(signed, seq), packet[icv_start:]):
             return None
