@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from services.dhcp.lease import LeaseDatabase
+from services.dns import config as dnsconfig
 from services.dns import zone as zonedata
 from services.dns.cache import Cache, CachePolicy
+from services.dns.daemon import DnsServer
 from services.dns.handler import QueryHandler, Verdict, ZoneSlot
 from services.dns.localnames import LocalNames
 from services.dns.secondary import Action, Secondary, Serving, SoaTimers, serial_gt
@@ -408,3 +410,19 @@ class SecondaryMachine(RuleBasedStateMachine):
 
 TestSecondaryMachine = SecondaryMachine.TestCase
 TestSecondaryMachine.settings = settings(max_examples=60, stateful_step_count=30)
+
+
+def test_zone_clock_ignores_a_clock_behind_the_stored_copy(tmp_path: Path) -> None:
+    # a box booting with its clock far behind the copy it saved before
+    future = round(time.time() + 30 * 86400, 1)  # the copy keeps 0.1 s
+    zonedata.save(tmp_path / "var", corp_zone(), future)
+    cfg = tmp_path / "dns.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1"]\nstate_dir = "{tmp_path}/var"\n'
+        '[[zone]]\nname = "corp.example"\nprimaries = ["10.99.0.1"]\n'
+    )
+    server = DnsServer(dnsconfig.load(cfg))
+    server._load_copies()
+    slot = server.slots[0]
+    assert server.now() >= future and slot.data is not None
+    assert slot.secondary.serving(server.now()) is Serving.FRESH

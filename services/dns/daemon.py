@@ -92,7 +92,9 @@ class DnsServer:
         self.forwarder = Forwarder(cfg.resolvers, cfg.forward_timeout)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.tcp_clients = 0
-        self.started = time.time()
+        self.clock_base = time.time()
+        self.monotonic_base = time.monotonic()
+        self.started = time.monotonic()
 
     # -- life -----------------------------------------------------------------
 
@@ -149,12 +151,12 @@ class DnsServer:
         endpoint.send(await self.forward(query, tcp=False), source)
 
     def decide(self, wire: bytes, source: tuple[str, int], tcp: bool) -> Decision:
-        decision = self.handler.handle(wire, source, time.time(), tcp=tcp)
+        decision = self.handler.handle(wire, source, self.now(), tcp=tcp)
         if decision.notify_zone is not None:
             slot = next(
                 s for s in self.slots if s.secondary.name == decision.notify_zone
             )
-            slot.secondary.notify(decision.notify_serial, time.time())
+            slot.secondary.notify(decision.notify_serial, self.now())
             self.wakeups[decision.notify_zone].set()
         return decision
 
@@ -164,7 +166,7 @@ class DnsServer:
         except Exception:
             log.exception("forwarding failed")
             upstream = None
-        return self.handler.forwarded(query, upstream, time.time(), tcp=tcp)
+        return self.handler.forwarded(query, upstream, self.now(), tcp=tcp)
 
     async def _tcp_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -201,28 +203,46 @@ class DnsServer:
 
     # -- secondary zones ------------------------------------------------------
 
+    def now(self) -> float:
+        """The zone clock: wall-clock seconds at start, then monotonic.
+
+        Zone ages must not jump when NTP steps the clock (a box that boots
+        with its clock in 1970 would otherwise find every copy 56 years old
+        after the first step), and a clock behind the newest stored copy is
+        taken to be wrong: the zone clock starts at that copy's time.
+        """
+        return self.clock_base + time.monotonic() - self.monotonic_base
+
     def _load_copies(self) -> None:
-        now = time.time()
+        stored = {
+            slot.secondary.name: zonedata.load(self.cfg.state_dir, slot.secondary.name)
+            for slot in self.slots
+        }
+        newest = max((c[1] for c in stored.values() if c is not None), default=0.0)
+        if newest > time.time():
+            log.warning("clock is behind the stored zone copies; using their time")
+        self.clock_base = max(time.time(), newest)
+        self.monotonic_base = time.monotonic()
         for slot in self.slots:
-            stored = zonedata.load(self.cfg.state_dir, slot.secondary.name)
-            if stored is None:
+            copy = stored[slot.secondary.name]
+            if copy is None:
                 continue
-            data, saved_at = stored
+            data, saved_at = copy
             timers = zonedata.soa_timers(data)
             if timers is None:
                 continue
             slot.data = data
-            slot.secondary.loaded(timers, saved_at, now)
+            slot.secondary.loaded(timers, saved_at, self.now())
 
     async def _secondary_loop(self, slot: ZoneSlot) -> None:
         name = slot.secondary.name
         while True:
-            action = slot.secondary.due(time.time())
+            action = slot.secondary.due(self.now())
             if action is not None:
                 await self._perform(slot, action)
                 continue
             wake_at = slot.secondary.next_timer()
-            delay = 3600.0 if wake_at is None else max(0.0, wake_at - time.time())
+            delay = 3600.0 if wake_at is None else max(0.0, wake_at - self.now())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeups[name].wait(), delay)
             self.wakeups[name].clear()
@@ -234,7 +254,7 @@ class DnsServer:
             try:
                 if action is Action.CHECK_SOA:
                     serial = await self._check_soa(slot, primary, zcfg)
-                    slot.secondary.soa_answer(serial, time.time())
+                    slot.secondary.soa_answer(serial, self.now())
                     if slot.secondary.wanted_serial is None:
                         await self._save(slot)
                 else:
@@ -245,7 +265,7 @@ class DnsServer:
             except Exception as exc:  # dnspython raises a few plain ones
                 log.exception("zone %s: %s failed", slot.secondary.name, action.value)
                 errors.append(f"{primary}: {type(exc).__name__} {exc}")
-        slot.secondary.failed(time.time(), "; ".join(errors) or "no primary")
+        slot.secondary.failed(self.now(), "; ".join(errors) or "no primary")
 
     async def _check_soa(
         self, slot: ZoneSlot, primary: str, zcfg: dnsconfig.ZoneConfig
@@ -289,7 +309,7 @@ class DnsServer:
         if timers is None:
             raise dns.exception.DNSException("transferred zone has no SOA")
         slot.data = target
-        slot.secondary.transferred(timers, time.time(), action)
+        slot.secondary.transferred(timers, self.now(), action)
         await self._save(slot)
 
     async def _save(self, slot: ZoneSlot) -> None:
@@ -305,10 +325,10 @@ class DnsServer:
     # -- status ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now = time.time()
+        now = self.now()
         return {
             "service": "dns",
-            "uptime": round(now - self.started, 1),
+            "uptime": round(time.monotonic() - self.started, 1),
             "zones": [slot.secondary.status(now) for slot in self.slots],
             "queries": dict(sorted(self.handler.counters.items())),
             "upstream": dict(sorted(self.forwarder.counters.items())),
