@@ -8,7 +8,8 @@ iperf3 runs inside them. Rounds are interleaved (veth, OpenVPN, moat, veth,
 (certificates, configs, logs) goes to a temporary directory.
 
     tools/bench_tunnel.py [--rounds 2] [--reps 2] [--time 10]
-        [--transform aes-gcm-128] [--encapsulation udp] [--only moat,ovpn]
+        [--transform aes-gcm-128] [--encapsulation udp] [--only veth,openvpn,moat]
+        [--mtu-policy plain,virtual-large]
 
 OpenVPN runs as in the reference anchors: 2.6, peer-to-peer over UDP, TLS
 with EC P-256 certificates, AES-256-GCM, DCO disabled.
@@ -179,15 +180,21 @@ class OpenVpn:
 class Moat:
     server_ip = "10.99.0.2"
 
-    def __init__(self, pair: TunnelPair, tmp: Path) -> None:
+    def __init__(self, pair: TunnelPair, tmp: Path, mtu_policy: str = "") -> None:
         del tmp
         self.pair = pair
-        self.name = (
-            f"moat-{pair.sides['a'].encapsulation}-{pair.sides['a'].sa_out.transform}"
-        )
+        side = pair.sides["a"]
+        self.mtu_policy = mtu_policy
+        self.name = f"moat-{side.encapsulation}-{side.sa_out.transform}"
+        if mtu_policy:
+            self.name += f"-{mtu_policy}"
         self.pids: list[int] = []
 
     def up(self) -> None:
+        for side in self.pair.sides.values():
+            side.extra.pop("mtu_policy", None)
+            if self.mtu_policy:
+                side.extra["mtu_policy"] = self.mtu_policy
         self.pair.start_both(log_level="WARNING")
         self.pids = [p.pid for p in self.pair.procs.values()]
         wait_for(
@@ -219,6 +226,12 @@ def main() -> int:
     ap.add_argument("--transform", default="aes-gcm-128")
     ap.add_argument("--encapsulation", default="udp", choices=("udp", "esp"))
     ap.add_argument("--only", default="veth,openvpn,moat")
+    ap.add_argument(
+        "--mtu-policy",
+        default="plain,virtual-large",
+        help="comma-separated moat mtu_policy values, each measured as its own "
+        "tunnel (default: plain,virtual-large)",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -233,12 +246,16 @@ def main() -> int:
         pair = TunnelPair(
             lab, tmp, transform=args.transform, encapsulation=args.encapsulation
         )
-        makers: dict[str, Callable[[], Veth | OpenVpn | Moat]] = {
+        makers: dict[str, Callable[[], Veth | OpenVpn]] = {
             "veth": lambda: Veth(pair, tmp),
             "openvpn": lambda: OpenVpn(pair, tmp),
-            "moat": lambda: Moat(pair, tmp),
         }
-        tunnels = [makers[name]() for name in wanted]
+        tunnels: list[Veth | OpenVpn | Moat] = []
+        for name in wanted:
+            if name == "moat":
+                tunnels += [Moat(pair, tmp, p) for p in args.mtu_policy.split(",")]
+            else:
+                tunnels.append(makers[name]())
         hz = os.sysconf("SC_CLK_TCK")
         for rnd in range(1, args.rounds + 1):
             for tunnel in tunnels:
@@ -270,8 +287,7 @@ def main() -> int:
             f"min {min(values):6.0f}  max {max(values):6.0f}  n={len(values)}  "
             f"daemons {statistics.median(cpu[name]):4.0f}% of a core"
         )
-    moat = next((n for n in medians if n.startswith("moat")), None)
-    if moat:
+    for moat in (n for n in medians if n.startswith("moat")):
         for base in ("veth", "openvpn"):
             if base in medians:
                 print(f"  ratio {moat}/{base}: {medians[moat] / medians[base]:.3f}")
