@@ -24,6 +24,7 @@ from datapath.esp import EspError, InboundSA, OutboundSA, SAConfig
 from datapath.loop import ControlServer, EventLoop, query
 from datapath.outer import OuterSocket, RawEspSocket, UdpSocket
 from datapath.selector import Selectors
+from datapath.seqstore import SequenceStore
 from datapath.tun import MAX_PACKET, Tun
 from datapath.tunnel import Datapath, Peer, mtu_policy_factory
 from moat.errors import ConfigError, MoatError
@@ -141,6 +142,7 @@ class Tunnel:
         self.peer = peer
         self.dp = Datapath(rekey_grace=cfg.rekey_grace)
         self.sock: OuterSocket | None = None
+        self.seqs = SequenceStore(cfg.state_dir) if cfg.state_dir else None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -157,10 +159,22 @@ class Tunnel:
             tun.set_up()
             for prefix in cfg.tun.routes:
                 tun.add_route(prefix)
+            if self.seqs is not None:
+                self.seqs.attach(self.peer.out_sa)
+            else:
+                log.warning(
+                    "no tunnel.state_dir: after a restart, use new keys "
+                    "(the same key would repeat sequence numbers and nonces)"
+                )
             self.dp.add_peer(self.peer, time.monotonic())
             control = ControlServer(cfg.control_socket, self.status)
             loop = EventLoop(
-                self.dp, tun, {cfg.encapsulation: sock}, control, self.reload
+                self.dp,
+                tun,
+                {cfg.encapsulation: sock},
+                control,
+                on_reload=self.reload,
+                on_tick=self.tick,
             )
             self.sock = sock
             log.info(
@@ -200,6 +214,14 @@ class Tunnel:
         status["socket"] = dict(self.sock.counters) if self.sock else {}
         return status
 
+    def tick(self, now: float) -> None:
+        """About once a second: keep sequence reservations ahead."""
+        del now
+        if self.seqs is not None:
+            for sa in (self.peer.out_sa, self.peer.pending_out):
+                if sa is not None:
+                    self.seqs.poll(sa)
+
     def reload(self) -> None:
         """SIGHUP: apply a changed file without dropping the tunnel."""
         try:
@@ -207,6 +229,8 @@ class Tunnel:
             if new.sa_out != self.cfg.sa_out:
                 _check_new_out_key(self.cfg.sa_out, new.sa_out, new.source)
             out_sa, in_sa = build_sas(new)
+            if self.seqs is not None and new.sa_out != self.cfg.sa_out:
+                self.seqs.attach(out_sa)
         except MoatError as exc:
             log.error("reload failed, keeping the running SAs: %s", exc)
             return

@@ -107,12 +107,14 @@ class EventLoop:
         sockets: dict[str, OuterSocket],
         control: ControlServer | None = None,
         on_reload: Callable[[], None] | None = None,
+        on_tick: Callable[[float], None] | None = None,
     ) -> None:
         self.dp = datapath
         self.tun = tun
         self.sockets = sockets
         self.control = control
         self.on_reload = on_reload
+        self.on_tick = on_tick
         self.running = False
         self.counters = datapath.counters
         self._reload = False
@@ -163,6 +165,8 @@ class EventLoop:
                 now = monotonic()
                 if now >= next_poll:
                     self.dp.poll(now)
+                    if self.on_tick is not None:
+                        self.on_tick(now)
                     self._flush(now)
                     # sooner if an MTU policy timer (probe, drop timer) is due
                     next_poll = max(

@@ -154,15 +154,28 @@ class TunnelPair:
         transform: str = "aes-gcm-128",
         encapsulation: str = "udp",
         esn: bool = True,
+        ipv6_outer: bool = False,
     ) -> None:
         self.lab = lab
         self.tmp = tmp
         self.a = lab.host("a")
         self.b = lab.host("b")
-        lab.link(self.a, "wild0", "192.168.77.1/24", self.b, "wild0", "192.168.77.2/24")
-        self.sides = dict(
-            zip("ab", make_sides(tmp, transform, encapsulation, esn), strict=True)
+        outer = (
+            ("fd77::1", "fd77::2") if ipv6_outer else ("192.168.77.1", "192.168.77.2")
         )
+        plen = 64 if ipv6_outer else 24
+        lab.link(
+            self.a, "wild0", f"{outer[0]}/{plen}", self.b, "wild0", f"{outer[1]}/{plen}"
+        )
+        if ipv6_outer:
+            # no duplicate address detection delay before the tunnel binds
+            for host in (self.a, self.b):
+                host.run("sysctl", "-qw", "net.ipv6.conf.wild0.accept_dad=0")
+                host.ip("-6", "addr", "flush", "dev", "wild0")
+            self.a.ip("-6", "addr", "add", f"{outer[0]}/64", "dev", "wild0", "nodad")
+            self.b.ip("-6", "addr", "add", f"{outer[1]}/64", "dev", "wild0", "nodad")
+        sides = make_sides(tmp, transform, encapsulation, esn, outer=outer)
+        self.sides = dict(zip("ab", sides, strict=True))
         self.procs: dict[str, subprocess.Popen[Any]] = {}
 
     def host(self, side: str) -> Host:
