@@ -113,3 +113,30 @@ def test_esn_high_half_really_used(transform: str) -> None:
     inner = inner_packets()[0]
     esp_bytes = raw(IP(raw(peer.encrypt(inner)))[ESP])
     assert inb.open(esp_bytes, now=0.0) is Drop.ICV
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_esn_wrap_both_ways(transform: str) -> None:
+    """Across 2^32 the high half steps from 0 to 1 on both sides."""
+    inner = inner_packets()[0]
+    before, after = scapy_sa(transform, esn=True), scapy_sa(transform, esn=True)
+    before.esn, after.esn = 0, 1
+
+    # we send: the two last numbers below 2^32, then the first two above
+    out = OutboundSA(make_config(transform, esn=True))
+    out.seq = (1 << 32) - 3
+    for _ in range(4):
+        esp_bytes = out.seal(raw(inner), 4)
+        peer = before if out.seq < 1 << 32 else after
+        wire = IP(raw(IP(src=OUTER_SRC, dst=OUTER_DST, proto=50) / Raw(esp_bytes)))
+        assert raw(peer.decrypt(wire)) == raw(inner)
+
+    # scapy sends the same, low halves 0xfffffffe, 0xffffffff, 0, 1
+    inb = InboundSA(make_config(transform, esn=True))
+    inb.replay.reset((1 << 32) - 3)
+    for seq in range((1 << 32) - 2, (1 << 32) + 2):
+        peer = before if seq < 1 << 32 else after
+        peer.seq_num = seq & 0xFFFF_FFFF
+        esp_bytes = raw(IP(raw(peer.encrypt(inner)))[ESP])
+        result = inb.open(esp_bytes, now=0.0)
+        assert isinstance(result, Opened) and result.seq == seq, result
