@@ -7,7 +7,7 @@ touches a socket or a clock; `now` is passed in.
 
 Receive order (RFC 4303 §3.4, RFC 4301 §5.2):
 
-    1. length checks                       -> Drop.MALFORMED
+    1. length, whole cipher blocks         -> Drop.MALFORMED
     2. SA by SPI (SADB)                    -> Drop.UNKNOWN_SPI
     3. replay pre-check, ESN inference     -> Drop.REPLAY / REPLAY_WINDOW
     4. ICV (AEAD open, or HMAC then CBC)   -> Drop.ICV
