@@ -38,10 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "console": ("ota.console", "serial console recovery menu (ttyS0)"),
     "ntpd": ("services.ntp.daemon", "NTP client of the portal and server for the LAN"),
     "dhcpc": ("services.dhcp.dhcpc", "DHCP client for the wild side, with a hook"),
-    "firewall": (
-        "services.firewall",
-        "render and apply the wild-side nftables lockdown",
-    ),
+    "firewall": ("services.firewall", "apply the wild-side nftables lockdown"),
 }
 
 
