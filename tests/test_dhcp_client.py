@@ -213,7 +213,7 @@ def test_release(tmp_path: Path) -> None:
     assert not srv.leases.leases[address].active(WALL + 2)
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(st.data())
 def test_fuzz_client(data: st.DataObject) -> None:
     cli = client()
@@ -263,7 +263,7 @@ def test_udpip_round_trip_and_scapy() -> None:
     assert udpip.parse(bytes(bad), verify_udp_checksum=False).payload == b"x" * 301
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(st.binary(max_size=120))
 def test_fuzz_udpip(data: bytes) -> None:
     try:

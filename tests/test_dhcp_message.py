@@ -103,6 +103,7 @@ def test_domain_search_rejects(wire: bytes) -> None:
         decode_domain_search(wire)
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.lists(
@@ -208,6 +209,7 @@ messages = st.builds(
 )
 
 
+@settings(deadline=None)
 @given(messages)
 def test_round_trip(msg: DhcpMessage) -> None:
     try:
@@ -220,7 +222,7 @@ def test_round_trip(msg: DhcpMessage) -> None:
     assert back == msg
 
 
-@settings(max_examples=500)
+@settings(deadline=None, max_examples=500)
 @given(st.binary(max_size=700))
 def test_fuzz_only_dhcp_errors(data: bytes) -> None:
     try:
@@ -239,7 +241,7 @@ def test_fuzz_only_dhcp_errors(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=500)
+@settings(deadline=None, max_examples=500)
 @given(st.data())
 def test_fuzz_mutated_valid_message(data: st.DataObject) -> None:
     wire = bytearray(

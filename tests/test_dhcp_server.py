@@ -352,7 +352,11 @@ valid = [
 ]
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    deadline=None,
+    max_examples=200,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(st.data())
 def test_fuzz_server(tmp_path: Path, data: st.DataObject) -> None:
     server = make_server(tmp_path, lease_file=str(tmp_path / "fuzz.json"))
@@ -379,7 +383,11 @@ def test_fuzz_server(tmp_path: Path, data: st.DataObject) -> None:
     assert dora(server, 0x42) is not None
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     st.lists(
         st.tuples(

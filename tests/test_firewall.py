@@ -119,6 +119,15 @@ def nmap_open(host: Host, *args: str) -> list[str]:
     return ports
 
 
+def scan_until(host: Host, target: str, fast: list[str]) -> list[str]:
+    """TCP ports 1-10000 found open, retried until 8080 shows up (3 tries)."""
+    for _ in range(3):
+        found = nmap_open(host, "-sS", "-p", "1-10000", *fast, target)
+        if "tcp/8080" in found:
+            break
+    return found
+
+
 @pytest.mark.netns
 def test_lockdown_scan(lab: Lab, tmp_path: Path) -> None:
     moat = lab.host("moat", forwarding=True)
@@ -143,7 +152,8 @@ def test_lockdown_scan(lab: Lab, tmp_path: Path) -> None:
     start_dhcpd(moat, dhcpd_config(tmp_path, interface="lan0"), tmp_path / "d.log")
     fast = ["--max-retries", "0", "--min-rate", "20000"]
     wait_for(lambda: nmap_open(scan, "-sS", "-p", "8080", "192.0.2.2"), 10)
-    assert nmap_open(scan, "-sS", "-p", "1-10000", *fast, "192.0.2.2") == ["tcp/8080"]
+    # (a probe lost on a busy machine would hide a port: positive scans retry)
+    assert scan_until(scan, "192.0.2.2", fast) == ["tcp/8080"]
 
     # the lockdown
     config = tmp_path / "moat.toml"
@@ -177,7 +187,7 @@ def test_lockdown_scan(lab: Lab, tmp_path: Path) -> None:
     assert scan.run("ping", "-c1", "-W1", "10.99.0.50", check=False).returncode != 0
 
     # the same services answer on the private side
-    assert nmap_open(home, "-sS", "-p", "1-10000", *fast, "10.99.0.1") == ["tcp/8080"]
+    assert scan_until(home, "10.99.0.1", fast) == ["tcp/8080"]
     udp = [sys.executable, "-c", UDP_PROBE, "10.99.0.1", "9999"]
     assert home.run(*udp).stdout.strip() == "echo:probe"
     leased = home.run(
