@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datapath.transform import TRANSFORMS
 from moat.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -71,15 +72,12 @@ TUN_NAME_MAX = 15  # IFNAMSIZ - 1
 MTU_MIN_IPV4 = 576
 MTU_MAX = 65535
 
-# transform -> (allowed cipher key lengths incl. salt, auth key length)
-# AEAD key material is the cipher key followed by a 4-byte salt (RFC 4106 §8.1,
-# RFC 7634 §2); CBC suites have a separate HMAC key (RFC 4868 §2.1.1, RFC 2404).
+# transform -> (allowed cipher key lengths incl. salt, auth key length), from
+# the transforms themselves. AEAD key material is the cipher key followed by a
+# 4-byte salt (RFC 4106 §8.1, RFC 7634 §2); CBC suites have a separate HMAC key
+# (RFC 4868 §2.1.1, RFC 2404).
 TRANSFORM_KEYS: dict[str, tuple[tuple[int, ...], int]] = {
-    "aes-gcm-128": ((16 + 4,), 0),
-    "aes-gcm-256": ((32 + 4,), 0),
-    "chacha20-poly1305": ((32 + 4,), 0),
-    "aes-cbc-hmac-sha256": ((16, 24, 32), 32),
-    "3des-cbc-hmac-sha1": ((24,), 20),
+    name: cls.key_lengths() for name, cls in TRANSFORMS.items()
 }
 
 # mtu policies; "plain" is the built-in one (the TUN MTU keeps inner packets

@@ -18,17 +18,13 @@ from typing import Any
 
 from netns import Host, Lab, wait_for
 
+from datapath.config import TRANSFORM_KEYS
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 # transform -> (cipher key bytes incl. salt, auth key bytes)
-KEY_SIZES = {
-    "aes-gcm-128": (20, 0),
-    "aes-gcm-256": (36, 0),
-    "chacha20-poly1305": (36, 0),
-    "aes-cbc-hmac-sha256": (16, 32),
-    "3des-cbc-hmac-sha1": (24, 20),
-}
+KEY_SIZES = {name: (keys[-1], auth) for name, (keys, auth) in TRANSFORM_KEYS.items()}
 
 
 @dataclass
