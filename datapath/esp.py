@@ -136,6 +136,9 @@ class SAConfig:
             raise EspConfigError(
                 f"unknown transform {self.transform!r} (known: {known})"
             )
+        for name in ("key", "auth_key"):
+            if not isinstance(getattr(self, name), bytes):
+                raise EspConfigError(f"{name} must be bytes (decode hex first)")
         if not 1 <= self.replay_window <= MAX_WINDOW_SIZE:
             raise EspConfigError(
                 f"replay_window must be 1..{MAX_WINDOW_SIZE}, got {self.replay_window}"

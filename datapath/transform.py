@@ -2,7 +2,8 @@
 
 A transform object is built once per SA, with its key objects (AEAD context,
 HMAC template, persistent CBC contexts) made in the constructor, so the
-per-packet path only packs, joins and calls into the crypto library.
+per-packet path only packs, joins and calls into the crypto library. The CBC
+contexts carry state from packet to packet: use a transform from one thread.
 
 Packet layout (RFC 4303 §2), offsets from the start of the ESP header:
 

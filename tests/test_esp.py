@@ -213,6 +213,8 @@ def test_sadb_routes_by_spi() -> None:
         ("spi", {"spi": 1 << 32}),
         ("transform", {"transform": "rot13"}),
         ("replay_window", {"replay_window": 0}),
+        ("key", {"key": "00" * 20}),
+        ("auth_key", {"auth_key": None}),
     ],
 )
 def test_bad_config_named(field: str, kwargs: dict[str, object]) -> None:
