@@ -142,6 +142,7 @@ def test_every_prefix_and_every_bit(transform: str) -> None:
     assert total_outcomes(db) == len(packet) * 9 + 1
 
 
+@settings(deadline=None)  # timing varies on a shared machine
 @given(st.binary(max_size=64))
 def test_classify_total(datagram: bytes) -> None:
     assert isinstance(classify(datagram), Kind)

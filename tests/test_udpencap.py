@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.ipsec import ESP, NON_ESP
 from scapy.layers.ipsec import NAT_KEEPALIVE as ScapyKeepalive
@@ -34,6 +34,7 @@ def test_constants() -> None:
     assert bytes(4) == NON_ESP_MARKER
 
 
+@settings(deadline=None)  # timing varies on a shared machine
 @given(st.binary(min_size=8, max_size=64))
 def test_agrees_with_scapy_dispatch(datagram: bytes) -> None:
     """scapy's ESP dispatch hook makes the same keepalive/IKE/ESP split."""
