@@ -261,6 +261,16 @@ def test_handler_servfail_when_copy_too_old_or_missing() -> None:
     assert ask(make_handler(serving_copy=False), q).rcode() == dns.rcode.SERVFAIL
 
 
+def test_handler_refuses_queries_from_outside_allow_query() -> None:
+    h = make_handler()
+    h.allow_query = [IPv4Network("192.168.1.0/24")]
+    q = dns.message.make_query("www.corp.example.", "A")
+    assert ask(h, q).rcode() == dns.rcode.NOERROR  # from 192.168.1.9
+    d = h.handle(q.to_wire(), (PRIMARY, 5353), T0)
+    assert dns.message.from_wire(d.reply or b"").rcode() == dns.rcode.REFUSED
+    assert h.counters["refused_client"] == 1
+
+
 def test_handler_notify_only_from_primary() -> None:
     h = make_handler()
     q = dns.message.make_query("corp.example.", "SOA")

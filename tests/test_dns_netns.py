@@ -177,6 +177,7 @@ def net(lab: Lab, tmp_path: Path) -> dict:
         listen = ["{MOAT_LAN}", "{MOAT_WAN}"]
         state_dir = "{tmp_path}/var"
         status_file = "{tmp_path}/run/dns.json"
+        allow_query = ["192.168.50.0/24"]
         [[zone]]
         name = "{ZONE}"
         primaries = ["{PRIMARY}"]
@@ -248,6 +249,9 @@ def test_secondary_forwarder_local_names(net: dict, moat_cmd: list[str]) -> None
             and st["zones"][0]["notify"] >= 1
         ),
     )
+
+    # no resolver for the other side: the primary's side may only NOTIFY
+    assert "status: REFUSED" in dig(net["primary"], "www.corp.example", server=MOAT_WAN)
 
     # NOTIFY from anyone but the primary is refused
     notify = client.run(

@@ -4,6 +4,7 @@ listen = ["192.168.1.1"]          # private-side addresses, UDP and TCP
 port = 53
 state_dir = "/var/lib/moat/dns"   # zone copies
 status_file = "/run/moat/dns.status.json"
+allow_query = ["192.168.1.0/24"]  # who may query (default: anyone reaching us)
 
 [[zone]]                          # one table per corporate zone
 name = "corp.example"
@@ -31,6 +32,7 @@ lease_file = "/var/lib/moat/dhcpd.leases"  # written by moat dhcpd
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ import dns.name
 
 from services.configfile import Section, read_section
 from services.dns.cache import CachePolicy
+from services.dns.handler import IPNetwork
 
 DAY = 86400.0
 
@@ -70,6 +73,7 @@ class DnsConfig:
     forward_timeout: float
     cache: CachePolicy
     local: LocalConfig | None
+    allow_query: list[IPNetwork] | None
 
 
 def _name(section: Section, key: str, default: str | None = None) -> str:
@@ -78,6 +82,17 @@ def _name(section: Section, key: str, default: str | None = None) -> str:
         return dns.name.from_text(text).to_text()
     except dns.exception.DNSException as exc:
         raise section.error(key, f"not a domain name: {text!r}") from exc
+
+
+def _networks(section: Section, key: str) -> list[IPNetwork] | None:
+    if key not in section.table:
+        return None
+    try:
+        return [
+            ipaddress.ip_network(str(n), strict=False) for n in section.get(key, list)
+        ]
+    except ValueError as exc:
+        raise section.error(key, str(exc)) from exc
 
 
 def _path(section: Section, key: str) -> Path | None:
@@ -123,4 +138,5 @@ def load(path: str | Path) -> DnsConfig:
         )
         if local.table
         else None,
+        allow_query=_networks(top, "allow_query"),
     )

@@ -88,7 +88,9 @@ class DnsServer:
                 cfg.local.domain, cfg.local.hosts_file, cfg.local.lease_file
             )
         self.cache = Cache(cfg.cache)
-        self.handler = QueryHandler(self.slots, local, self.cache, bool(cfg.resolvers))
+        self.handler = QueryHandler(
+            self.slots, local, self.cache, bool(cfg.resolvers), cfg.allow_query
+        )
         self.forwarder = Forwarder(cfg.resolvers, cfg.forward_timeout)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.tcp_clients = 0

@@ -9,10 +9,11 @@ Order of business for a query:
 1. shorter than a header, or a response (QR=1): silent drop;
 2. unparsable: FORMERR if the header and question parse, else silent drop;
 3. NOTIFY: accepted only from the zone's primaries (RFC 1996 §3.10);
-4. a secondary zone: authoritative answer while the copy may be served
+4. a query from outside `allow_query`: REFUSED;
+5. a secondary zone: authoritative answer while the copy may be served
    (see services.dns.secondary), else SERVFAIL;
-5. the local domain and the LAN's reverse names: the DHCP clients' names;
-6. anything else: the cache, then the upstream resolvers.
+6. the local domain and the LAN's reverse names: the DHCP clients' names;
+7. anything else: the cache, then the upstream resolvers.
 
 A bug while handling a parsed query answers SERVFAIL; nothing escapes.
 """
@@ -20,6 +21,7 @@ A bug while handling a parsed query answers SERVFAIL; nothing escapes.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +44,8 @@ from services.dns.localnames import LocalNames
 from services.dns.secondary import Secondary, Serving
 
 log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DNS_HEADER_SIZE = 12
 FLAGS_OFFSET = 2
@@ -88,11 +92,13 @@ class QueryHandler:
         local: LocalNames | None,
         cache: Cache,
         forwarding: bool = True,
+        allow_query: list[IPNetwork] | None = None,
     ) -> None:
         self.zones = zones
         self.local = local
         self.cache = cache
         self.forwarding = forwarding
+        self.allow_query = allow_query
         self.counters: Counter[str] = Counter()
 
     def handle(
@@ -152,6 +158,10 @@ class QueryHandler:
         opcode = query.opcode()
         if opcode == dns.opcode.NOTIFY:
             return self._notify(query, source, tcp)
+        if not self._allowed(source[0]):
+            # not a LAN client: no open resolver on other sides
+            self.counters["refused_client"] += 1
+            return self._reply(query, dns.rcode.REFUSED, tcp)
         if opcode != dns.opcode.QUERY:
             self.counters["notimp"] += 1
             return self._reply(query, dns.rcode.NOTIMP, tcp)
@@ -190,6 +200,15 @@ class QueryHandler:
             return self._reply(query, dns.rcode.REFUSED, tcp)
         self.counters["forwarded"] += 1
         return Decision(Verdict.FORWARD, query=query)
+
+    def _allowed(self, address: str) -> bool:
+        if self.allow_query is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.allow_query)
 
     def _zone_for(self, qname: dns.name.Name) -> ZoneSlot | None:
         best: ZoneSlot | None = None
