@@ -322,7 +322,7 @@ def check_fuzz_outcome(h: QueryHandler, data: bytes) -> None:
     assert ask(h, dns.message.make_query("www.corp.example.", "A")).answer
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_handler_fuzz_random_bytes(data: bytes) -> None:
     check_fuzz_outcome(make_handler(), data)
@@ -335,7 +335,7 @@ QUERIES = [
 ]
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(
     st.sampled_from(QUERIES),
     st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
@@ -419,7 +419,9 @@ class SecondaryMachine(RuleBasedStateMachine):
 
 
 TestSecondaryMachine = SecondaryMachine.TestCase
-TestSecondaryMachine.settings = settings(max_examples=60, stateful_step_count=30)
+TestSecondaryMachine.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None
+)
 
 
 def test_zone_clock_ignores_a_clock_behind_the_stored_copy(tmp_path: Path) -> None:

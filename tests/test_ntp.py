@@ -40,11 +40,13 @@ def test_decode_rejects_short() -> None:
         raise AssertionError(f"{n} bytes accepted")
 
 
+@settings(deadline=None)
 @given(st.binary(min_size=48, max_size=120))
 def test_decode_encode_is_identity(data: bytes) -> None:
     assert packet.decode(data).encode() == data
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=120))
 def test_decode_raises_only_ntp_error(data: bytes) -> None:
     try:
@@ -62,6 +64,7 @@ def test_timestamps_cross_the_2036_era_boundary() -> None:
     assert packet.to_unix(before, era_end + 100) == era_end - 1.5
 
 
+@settings(deadline=None)
 @given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
 def test_unix_roundtrip(t: float) -> None:
     assert abs(packet.to_unix(packet.from_unix(t), t + 1000) - t) < 1e-6
@@ -101,7 +104,7 @@ def test_server_ignores_other_modes_and_counts_them() -> None:
     assert server.counters["drop_mode_other"] == 5  # modes 0, 1, 2, 4, 5
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=200))
 def test_server_fuzz_only_drops_or_one_header(data: bytes) -> None:
     server = NtpServer()
@@ -195,7 +198,7 @@ def test_client_filter_uses_smallest_delay() -> None:
     assert abs(client.selected.offset - 0.001) < 1e-6
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=100), st.booleans())
 def test_client_fuzz_only_drop_reasons(data: bytes, keep_origin: bool) -> None:
     client = NtpClient(UPSTREAM)
