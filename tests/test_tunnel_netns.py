@@ -285,6 +285,20 @@ def test_nat_keepalive_sent_and_recognised(lab: Lab, tmp_path: Path) -> None:
     counters = pair.peer_status("b")["in_sas"][0]["counters"]
     assert set(counters) <= {"ok"}
 
+    # RFC 3948 demux from another port: keepalive, IKE (non-ESP marker), runt
+    send = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "[s.sendto(d, ('192.168.77.2', 4500)) for d in "
+        "(b'\\xff', b'\\0\\0\\0\\0' + b'ike' * 20, b'\\1\\2')]"
+    )
+    before = pair.status("b")["counters"]
+    pair.a.run("python3", "-c", send)
+    after = wait_for(
+        lambda: (c := pair.status("b")["counters"]).get("rx_ike") and c, timeout=10
+    )
+    assert after["rx_ike"] == 1 and after["rx_runt"] == 1
+    assert after["rx_keepalive"] > before["rx_keepalive"]
+
 
 def test_emsgsize_is_counted_not_fatal(lab: Lab, tmp_path: Path) -> None:
     pair = TunnelPair(lab, tmp_path)
