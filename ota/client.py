@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,11 +83,24 @@ class OtaConfig:
         except (OSError, ValueError) as exc:
             raise ConfigError(str(path), "file", str(exc)) from exc
         try:
-            env = raw["bootenv"]
-            if "files" in env:  # on the box: files on the boot partition
+            facts = read_boot_env(Path(raw.get("boot_env", BOOT_ENV)))
+            if "slots" not in raw and facts:
+                raw["slots"] = {
+                    "a": facts["MOAT_SLOT_A_DEV"],
+                    "b": facts["MOAT_SLOT_B_DEV"],
+                }
+            if "running_slot" not in raw and facts.get("MOAT_SLOT"):
+                raw["running_slot"] = facts["MOAT_SLOT"]
+            env = raw.get("bootenv") or {"device": facts["MOAT_BOOT_DEV"]}
+            if "path" not in env:  # on the box: files on the boot partition
+                device = env.get("device") or facts["MOAT_BOOT_DEV"]
+                mountpoint = mount_read_only(device, Path(env.get("mount", BOOT_MOUNT)))
                 env = {
-                    "path": env["device"],
-                    "offsets": [bootenv.locate(f) for f in env["files"]],
+                    "path": device,
+                    "offsets": [
+                        bootenv.locate(mountpoint / f)
+                        for f in env.get("files", BOOTENV_FILES)
+                    ],
                 }
             return cls(
                 product=raw["product"],
@@ -105,7 +119,14 @@ class OtaConfig:
                 tries=int(raw.get("tries", DEFAULT_TRIES)),
                 extra=raw,
             )
-        except (KeyError, TypeError, ValueError, IndexError, OSError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            IndexError,
+            OSError,
+            subprocess.CalledProcessError,
+        ) as exc:
             raise ConfigError(str(path), str(exc), "missing or invalid") from exc
         except bootenv.BootEnvError as exc:
             raise ConfigError(str(path), "bootenv", str(exc)) from exc
@@ -131,6 +152,42 @@ class OtaConfig:
             build_time=self.build_time,
             sync_flag=Path(self.extra.get("time_synced_flag", "/run/moat/time-synced")),
         )
+
+
+BOOT_ENV = "/run/moat/boot.env"  # facts the init script found (devices, slot)
+BOOT_MOUNT = "/run/moat/boot"
+BOOTENV_FILES = ("grub/moatenv0", "grub/moatenv1")
+
+
+def read_boot_env(path: Path) -> dict[str, str]:
+    """NAME=value lines written by the init script; {} when absent (host)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    facts = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            facts[name.strip()] = value.strip().strip("'\"")
+    return facts
+
+
+def mount_read_only(device: str, mountpoint: Path) -> Path:
+    """The boot partition mounted read-only (only to find the blocks' offsets)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().split("\n")
+    except OSError:
+        mounts = []
+    if any(line.split()[1:2] == [str(mountpoint)] for line in mounts if line):
+        return mountpoint
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "ext2", "-o", "ro", device, str(mountpoint)],
+        check=True,
+        capture_output=True,
+    )
+    return mountpoint
 
 
 class BundleFetcher(FetcherInterface):

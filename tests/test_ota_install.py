@@ -297,3 +297,30 @@ def test_power_cut_at_every_write_step_boots_a_good_slot(
         assert got[: len(want)] == want, f"cut at write {cut_at} boots a torn slot"
         # only the very last write may switch; a cut there leaves slot a
         assert choice.slot == "a"
+
+
+def test_config_takes_devices_from_the_init_scripts_boot_env(tmp_path: Path) -> None:
+    import json
+
+    from ota.client import OtaConfig
+
+    facts = tmp_path / "boot.env"
+    facts.write_text(
+        "MOAT_DISK=/dev/vda\nMOAT_SLOT=b\nMOAT_BOOT_DEV=/dev/vda1\n"
+        "MOAT_SLOT_A_DEV=/dev/vda2\nMOAT_SLOT_B_DEV=/dev/vda3\n"
+    )
+    cfg_path = tmp_path / "ota.json"
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "product": "moat",
+                "board": "pc-x86_64",
+                "version": "1.0.0",
+                "boot_env": str(facts),
+                "bootenv": {"path": str(tmp_path / "env"), "offsets": [0, 1024]},
+            }
+        )
+    )
+    cfg = OtaConfig.load(cfg_path)
+    assert cfg.slots == {"a": Path("/dev/vda2"), "b": Path("/dev/vda3")}
+    assert cfg.running() == "b"
