@@ -120,7 +120,7 @@ def _check(state: BootState) -> None:
     if not 0 <= state.seq <= MAX_SEQ:
         raise BootEnvError("sequence number out of range")
     for value in (*state.versions.values(), state.floor):
-        if not VERSION_RE.match(value):
+        if not VERSION_RE.fullmatch(value):
             raise BootEnvError(f"bad version string {value!r}")
 
 

@@ -474,7 +474,7 @@ def _valid_host(host: str) -> bool:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return bool(HOSTNAME_RE.match(host)) and not host.startswith("-")
+        return bool(HOSTNAME_RE.fullmatch(host)) and not host.startswith("-")
 
 
 def _remove(path: Path) -> None:

@@ -68,7 +68,7 @@ class RepositoryError(MoatError):
 
 
 def parse_duration(text: str) -> timedelta:
-    m = _DURATION_RE.match(text.strip())
+    m = _DURATION_RE.fullmatch(text.strip())
     if not m:
         raise RepositoryError(f"bad duration {text!r} (use e.g. 30d, 12h, 90m)")
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
@@ -278,7 +278,7 @@ class Repository:
         now = now or _now()
         parse_version(version)
         for label, value in (("product", product), ("board", board)):
-            if not TARGET_NAME_RE.match(value):
+            if not TARGET_NAME_RE.fullmatch(value):
                 raise RepositoryError(f"bad {label} {value!r}")
         name = f"{product}-{board}-{version}.img"
         target = TargetFile.from_file(name, str(image), ["sha256"])

@@ -15,7 +15,7 @@ class VersionError(MoatError):
 
 def parse_version(text: str) -> tuple[int, ...]:
     """`1.2.10` -> (1, 2, 10); trailing zeros do not matter (1.2 == 1.2.0)."""
-    if not VERSION_RE.match(text):
+    if not VERSION_RE.fullmatch(text):
         raise VersionError(f"bad version {text!r} (want dotted numbers like 1.2.0)")
     parts = [int(p) for p in text.split(".")]
     while len(parts) > 1 and parts[-1] == 0:

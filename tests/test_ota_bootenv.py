@@ -180,3 +180,10 @@ def test_fuzz_single_byte_damage_never_yields_other_state(at: int, value: int) -
     # no CRC (GRUB could not check one): damage that still parses must at
     # least be a well-formed state, so GRUB and Linux agree on what it means
     assert bootenv.decode(bootenv.encode(got)) == got
+
+
+def test_version_with_newline_cannot_enter_a_block() -> None:
+    with pytest.raises(BootEnvError):
+        bootenv.encode(replace(STATE, floor="1.0\nmoat_good=b"))
+    with pytest.raises(BootEnvError):
+        bootenv.encode(replace(STATE, versions={"a": "1.0\n", "b": "-"}))

@@ -324,3 +324,78 @@ def test_config_takes_devices_from_the_init_scripts_boot_env(tmp_path: Path) -> 
     cfg = OtaConfig.load(cfg_path)
     assert cfg.slots == {"a": Path("/dev/vda2"), "b": Path("/dev/vda3")}
     assert cfg.running() == "b"
+
+
+def test_fuzz_mutated_bundle_is_refused_or_installs_the_signed_image(
+    tmp_path: Path,
+) -> None:
+    """Random byte damage anywhere in a bundle: a clear refusal, never a crash,
+    and an install only ever writes the exact signed image."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = World(tmp_path / "base")
+    bundle, image = base.publish("1.1.0", size=20_000)
+    data = bundle.read_bytes()
+    env_before = (base.box / "env").read_bytes()
+    slot_before = (base.box / "slotb").read_bytes()
+    counter = [0]
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    def one(edits: list[tuple[int, int]]) -> None:
+        blob = bytearray(data)
+        for at, value in edits:
+            blob[at] = value
+        counter[0] += 1
+        path = tmp_path / f"m{counter[0]}.moat"
+        path.write_bytes(bytes(blob))
+        # fresh box state each time
+        (base.box / "env").write_bytes(env_before)
+        (base.box / "slotb").write_bytes(slot_before)
+        import shutil
+
+        shutil.rmtree(base.config.state_dir, ignore_errors=True)
+        try:
+            base.install(path)
+        except OtaRefused:
+            assert (base.box / "env").read_bytes() == env_before
+            return
+        assert (base.box / "slotb").read_bytes()[: len(image)] == image
+
+    one()
+
+
+def test_version_parser_properties() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from ota.version import VersionError, is_newer, parse_version
+
+    @given(st.text(max_size=40))
+    def no_crash(text: str) -> None:
+        try:
+            parse_version(text)
+        except VersionError:
+            pass
+
+    @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=3))
+    def zeros_do_not_matter(parts: list[int]) -> None:
+        v = ".".join(map(str, parts))
+        assert parse_version(v) == parse_version(v + ".0")
+        assert not is_newer(v, v)
+        assert is_newer(v + ".1", v)
+
+    no_crash()
+    zeros_do_not_matter()
+    assert is_newer("1.10", "1.9")
