@@ -23,26 +23,16 @@ _IPV6_ADDRESSES = struct.Struct(">8xQQQQ")  # source hi/lo, destination hi/lo
 _LOCAL, _REMOTE = 0, 1  # index into a (local, remote) pair
 
 Network = IPv4Network | IPv6Network
-# (network, mask) pairs, or None when a /0 makes every address match
-_Ranges = tuple[tuple[int, int], ...] | None
+# (network, mask) pairs; a /0 is (0, 0), which every address matches
+_Ranges = tuple[tuple[int, int], ...]
 
 
 def _ranges(networks: list[Network], version: int) -> _Ranges:
-    pairs = []
-    for net in networks:
-        if net.version != version:
-            continue
-        if net.prefixlen == 0:
-            return None
-        pairs.append((int(net.network_address), int(net.netmask)))
-    return tuple(pairs)
-
-
-def _matches(address: int, ranges: tuple[tuple[int, int], ...]) -> bool:
-    for network, mask in ranges:  # noqa: SIM110 (any() is slower per packet)
-        if address & mask == network:
-            return True
-    return False
+    return tuple(
+        (int(net.network_address), int(net.netmask))
+        for net in networks
+        if net.version == version
+    )
 
 
 def inner_addresses(inner: bytes) -> tuple[int, int, int] | None:
@@ -92,13 +82,21 @@ class Selectors:
         return self._permits(inner, _LOCAL, _REMOTE)
 
     def _permits(self, inner: bytes, src_side: int, dst_side: int) -> bool:
-        addresses = inner_addresses(inner)
-        if addresses is None:
+        if len(inner) >= IPV4_HEADER_SIZE and inner[0] >> 4 == 4:  # fast path
+            src, dst = _IPV4_ADDRESSES.unpack_from(inner)
+            ranges = self._by_version[4]
+        else:
+            addresses = inner_addresses(inner)
+            if addresses is None:
+                return False
+            version, src, dst = addresses
+            ranges = self._by_version[version]
+        for network, mask in ranges[src_side]:
+            if src & mask == network:
+                break
+        else:
             return False
-        version, src, dst = addresses
-        ranges = self._by_version[version]
-        src_ranges = ranges[src_side]
-        dst_ranges = ranges[dst_side]
-        return (src_ranges is None or _matches(src, src_ranges)) and (
-            dst_ranges is None or _matches(dst, dst_ranges)
-        )
+        for network, mask in ranges[dst_side]:  # noqa: SIM110 (any() is slower)
+            if dst & mask == network:
+                return True
+        return False
