@@ -14,6 +14,7 @@ help:
 	@echo "make test-fast  unit tests only (no namespaces, no QEMU)"
 	@echo "make lint       ruff format check, ruff, mypy"
 	@echo "make bench      throughput benchmarks, printed as ratios"
+	@echo "make bench-portal  portal scale: start time, memory, registrations/s"
 	@echo "make bench-esp  ESP core µs per packet beside bare crypto calls"
 
 deps:
@@ -33,6 +34,9 @@ lint: deps
 format: deps
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+bench-portal: deps
+	$(PY) tools/bench_portal.py
 
 clean:
 	rm -rf build dist out .pytest_cache .mypy_cache .ruff_cache

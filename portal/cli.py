@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _csv_fields() -> tuple[str, ...]:
-    from portal.provision import CSV_FIELDS
+    from portal.record import CSV_FIELDS
 
     return CSV_FIELDS
 

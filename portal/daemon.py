@@ -29,6 +29,7 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -43,7 +44,14 @@ from moat.durable import atomic_write
 from moat.errors import MoatError
 from portal.control import MAX_LINE
 from portal.db import Database, NoSuchMoat
-from portal.record import TRANSFORM_KEY_BYTES, Learned, MoatRecord, RecordError, SaPair
+from portal.record import (
+    SPI_GENERATION_BITS,
+    TRANSFORM_KEY_BYTES,
+    Learned,
+    MoatRecord,
+    RecordError,
+    SaPair,
+)
 from portal.settings import PortalSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,10 @@ REKEY_GRACE = 10.0
 CLIENT_TIMEOUT = 2.0
 DEFAULT_TUN = "portal0"
 OUTER_MTU = 1500
+ESP_SPI_SIZE = 4
+IPV4_HEADER_SIZE = 20
+IPV4_VERSION = 4
+IPV4_DST = slice(16, 20)
 SPI_PROBE = 256  # any valid SPI: only sizes are asked of this SA
 
 
@@ -75,6 +87,65 @@ def _outbound(sa: SaPair) -> OutboundSA:
     )
 
 
+class LazyDatapath(Datapath):
+    """A Datapath that asks for a missing peer before giving up on a packet.
+
+    With 100,000 moats, building every SA at start would take a minute
+    (~0.6 ms a peer); instead a moat's peer is built on its first packet:
+    an unknown SPI (the SPI carries the moat's number) or an inner
+    destination in a moat's subnet with no route yet.
+    """
+
+    def __init__(
+        self,
+        miss_spi: Callable[[int, float], None],
+        miss_address: Callable[[bytes, float], None],
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self._miss_spi = miss_spi
+        self._miss_address = miss_address
+
+    def inbound(self, esp: bytes, src: Address, now: float) -> None:
+        if len(esp) >= ESP_SPI_SIZE:
+            spi = int.from_bytes(esp[:ESP_SPI_SIZE], "big")
+            if spi not in self.spis:
+                self._miss_spi(spi, now)
+        super().inbound(esp, src, now)
+
+    def outbound(self, packet: bytes, now: float) -> None:
+        if len(packet) >= IPV4_HEADER_SIZE and packet[0] >> 4 == IPV4_VERSION:
+            dst = packet[IPV4_DST]
+            if self.routes.lookup(dst) is None:
+                self._miss_address(dst, now)
+        super().outbound(packet, now)
+
+
+class SubnetIndex:
+    """Longest-prefix match from an IPv4 address to a moat id."""
+
+    def __init__(self) -> None:
+        self._by_len: dict[int, dict[int, str]] = {}
+        self._lengths: list[int] = []
+
+    def add(self, net: IPv4Network, moat_id: str) -> None:
+        table = self._by_len.setdefault(net.prefixlen, {})
+        table[int(net.network_address) >> (32 - net.prefixlen)] = moat_id
+        self._lengths = sorted(self._by_len, reverse=True)
+
+    def remove(self, net: IPv4Network) -> None:
+        table = self._by_len.get(net.prefixlen, {})
+        table.pop(int(net.network_address) >> (32 - net.prefixlen), None)
+
+    def lookup(self, dst: bytes) -> str | None:
+        addr = int.from_bytes(dst, "big")
+        for plen in self._lengths:
+            moat_id = self._by_len[plen].get(addr >> (32 - plen))
+            if moat_id is not None:
+                return moat_id
+        return None
+
+
 class Portal:
     """The moat table, the Datapath and the glue between them (no I/O loop)."""
 
@@ -82,12 +153,19 @@ class Portal:
         self.db = db
         self.settings = settings
         self.networks = list(settings.networks)
-        self.dp = Datapath(rekey_grace=REKEY_GRACE, on_roam=self._roamed)
+        self.dp = LazyDatapath(
+            self._activate_spi,
+            self._activate_address,
+            rekey_grace=REKEY_GRACE,
+            on_roam=self._roamed,
+        )
         self.moats: dict[str, MoatState] = {}
+        self.by_number: dict[int, str] = {}
+        self.subnets = SubnetIndex()
         self.problems: dict[str, str] = {}
         self.counters: dict[str, int] = {
             "reloads": 0, "added": 0, "removed": 0, "rekeyed": 0, "failed": 0,
-            "roamed": 0,
+            "roamed": 0, "activated": 0,
         }  # fmt: skip
         self.sequence_path = db.root / SEQUENCE_FILE
         self.reserved: dict[str, list[int]] = self._read_reserved()
@@ -101,9 +179,38 @@ class Portal:
         snap = self.db.load_all()
         self.problems = dict(snap.problems)
         for rec in snap.records.values():
-            self.moats[rec.id] = MoatState(rec)
-            self._bring_up(rec, now, restored=True)
+            self._track(rec)
         self.load_seconds = time.monotonic() - start
+
+    def _track(self, rec: MoatRecord) -> None:
+        """Know the moat; its peer is built on its first packet."""
+        self.moats[rec.id] = MoatState(rec)
+        self.by_number[rec.number] = rec.id
+        self.subnets.add(rec.subnet, rec.id)
+
+    def _untrack(self, rec: MoatRecord) -> None:
+        self.by_number.pop(rec.number, None)
+        self.subnets.remove(rec.subnet)
+
+    def activate(self, moat_id: str, now: float) -> bool:
+        """Build the moat's peer now (first packet, or on request)."""
+        state = self.moats.get(moat_id)
+        if state is None or state.up or state.problem:
+            return state is not None and state.up
+        self._bring_up(state.record, now, restored=True)
+        if state.up:
+            self.counters["activated"] += 1
+        return state.up
+
+    def _activate_spi(self, spi: int, now: float) -> None:
+        moat_id = self.by_number.get(spi >> (SPI_GENERATION_BITS + 1))
+        if moat_id is not None:
+            self.activate(moat_id, now)
+
+    def _activate_address(self, dst: bytes, now: float) -> None:
+        moat_id = self.subnets.lookup(dst)
+        if moat_id is not None:
+            self.activate(moat_id, now)
 
     def _peer(self, rec: MoatRecord, restored: bool) -> Peer | None:
         if rec.sa is None or rec.learned.address is None:
@@ -135,8 +242,6 @@ class Portal:
             if peer is None:
                 return
             self.dp.add_peer(peer, now)
-            if rec.sa_previous is not None and not restored:
-                self.dp.rekey(rec.id, None, _inbound(rec.sa_previous, rec, []), now)
             state.up, state.problem = True, ""
         except (EspError, ValueError) as exc:
             state.up, state.problem = False, str(exc)
@@ -162,19 +267,19 @@ class Portal:
         self.problems.pop(name, None)
         state = self.moats.get(moat_id)
         if state is None:
-            self.moats[moat_id] = MoatState(rec)
+            self._track(rec)
             self.counters["added"] += 1
-            self._bring_up(rec, now)
             log.info("moat %s added (subnet %s)", moat_id, rec.subnet)
             return "added"
         old = state.record
-        state.record = rec
         peer = self.dp.peers.get(moat_id)
-        if peer is None or old.subnet != rec.subnet:
+        if peer is None or old.subnet != rec.subnet or old.number != rec.number:
             if peer is not None:
                 self.dp.remove_peer(moat_id)
-            self._bring_up(rec, now)
-            return "up" if peer is None else "replaced"
+            self._untrack(old)
+            self._track(rec)  # a new (or repaired) record: built on first use
+            return "replaced" if peer is not None else "updated"
+        state.record = rec
         if rec.sa is not None and rec.sa != old.sa:
             try:
                 self.dp.rekey(
@@ -195,8 +300,10 @@ class Portal:
         return "updated"
 
     def _remove(self, moat_id: str) -> str:
-        if self.moats.pop(moat_id, None) is None:
+        state = self.moats.pop(moat_id, None)
+        if state is None:
             return "absent"
+        self._untrack(state.record)
         if moat_id in self.dp.peers:
             self.dp.remove_peer(moat_id)
         self.reserved.pop(moat_id, None)
@@ -256,15 +363,15 @@ class Portal:
     # --- status ---------------------------------------------------------------------
 
     def status(self, verbose: bool = False) -> dict[str, Any]:
-        up = sum(
-            1 for s in self.moats.values() if s.up and s.record.id in self.dp.peers
+        ready = sum(
+            1
+            for s in self.moats.values()
+            if s.record.sa is not None and s.record.learned.address is not None
         )
         out: dict[str, Any] = {
             "moats": len(self.moats),
-            "up": up,
-            "registered": sum(
-                1 for s in self.moats.values() if s.record.sa is not None
-            ),
+            "ready": ready,  # registered: a peer is built on the first packet
+            "up": len(self.dp.peers),  # peers built
             "load_seconds": round(self.load_seconds, 3),
             "problems": self.problems,
             "failed": {k: s.problem for k, s in self.moats.items() if s.problem},

@@ -35,6 +35,7 @@ from moat.durable import atomic_write
 from moat.errors import MoatError
 from portal.db import Conflict, Database, record_conflict
 from portal.record import (
+    CSV_FIELDS,
     WILD_DHCP,
     MoatRecord,
     RecordError,
@@ -48,7 +49,6 @@ from portal.settings import PortalSettings
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = ("id", "email", "wild", "subnet", "ssh_key")
 IDENTITY_FILE = "id_ed25519"
 KNOWN_HOSTS_FILE = "known_hosts"
 MOAT_CONFIG_FILE = "moat.toml"

@@ -58,6 +58,8 @@ TRANSFORM_KEY_BYTES = {
     "chacha20-poly1305": 36,
 }
 UINT32_SIZE = 4
+# columns of the customer CSV (`moat portal import`/`export`)
+CSV_FIELDS = ("id", "email", "wild", "subnet", "ssh_key")
 
 
 class RecordError(ConfigError):

@@ -175,16 +175,28 @@ def test_portal_reload_touches_one_moat(
     run_session(db, s, "m2", env("register", "192.0.2.50"))
     p = Portal(db, s)
     p.load(0.0)
-    assert sorted(p.dp.peers) == ["m2"]  # m1 never registered: no peer yet
+    assert p.dp.peers == {}  # peers are built on first use
+    assert p.status()["ready"] == 1  # m1 never registered
+    # a packet towards m2's subnet builds m2's peer (and only that one)
+    m2_subnet = db.get("m2").subnet
+    dst = m2_subnet.network_address + 1
+    p.dp.outbound(_ipv4_packet("10.10.0.5", str(dst)), 0.5)
+    assert sorted(p.dp.peers) == ["m2"]
     m2 = p.dp.peers["m2"]
-    assert p.dp.routes.lookup(bytes([10, 200, 0, 17])) is m2
+    assert m2.tx_bytes == 28  # the packet was handed to the peer
+    assert p.activate("m1", 0.6) is False  # not registered: nothing to build
 
-    # m1 registers: its peer appears, m2's is untouched
+    # m1 registers: known at once, built on its first ESP packet (SPI lookup)
     run_session(db, s, "m1", env("register"), now=dt.datetime.now(dt.UTC))
-    assert p.reload("m1", 1.0) == "up"
+    assert p.reload("m1", 1.0) == "updated"
+    rec = db.get("m1")
+    assert rec.sa is not None
+    p.dp.inbound(
+        rec.sa.spi_to_portal.to_bytes(4, "big") + bytes(40), ("1.2.3.4", 9), 1.1
+    )
     assert sorted(p.dp.peers) == ["m1", "m2"] and p.dp.peers["m2"] is m2
-    m1 = p.dp.peers["m1"]
-    assert m1.endpoint == ("198.51.100.7", 4500)
+    assert p.dp.peers["m1"].endpoint == ("198.51.100.7", 4500)
+    assert p.dp.peers["m1"].rx_packets == 0  # garbage: dropped, moved nothing
 
     # re-registration: make-before-break rekey, both inbound SAs installed
     run_session(db, s, "m1", env("register", "198.51.100.9"))
@@ -204,6 +216,13 @@ def test_portal_reload_touches_one_moat(
     db.remove("m2")
     assert p.reload("m2", 4.0) == "removed"
     assert p.dp.peers == {}
+
+
+def _ipv4_packet(src: str, dst: str) -> bytes:
+    import ipaddress as ip
+
+    header = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0])
+    return header + ip.IPv4Address(src).packed + ip.IPv4Address(dst).packed + bytes(8)
 
 
 def test_control_protocol(portal: tuple[Database, PortalSettings]) -> None:
@@ -245,6 +264,7 @@ def test_sequence_reservation_survives_restart(
     run_session(db, s, "m1", env("register"))
     p = Portal(db, s)
     p.load(0.0)
+    assert p.activate("m1", 0.0)
     peer = p.dp.peers["m1"]
     # a restored SA starts past anything a previous run could have sent
     assert peer.out_sa.seq == SEQUENCE_BLOCK
@@ -252,4 +272,5 @@ def test_sequence_reservation_survives_restart(
     p.reserve_sequences()
     again = Portal(db, s)
     again.load(0.0)
+    assert again.activate("m1", 0.0)
     assert again.dp.peers["m1"].out_sa.seq > peer.out_sa.seq
