@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export VENV
 PYTEST_ARGS ?=
 
-.PHONY: help deps test test-fast lint format demo bench bench-esp clean
+.PHONY: help deps test test-fast lint format demo bench bench-esp bench-portal clean
 
 help:
 	@echo "make demo       build a namespace network and show the tunnel working"
