@@ -16,6 +16,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import dns.tsig
 import dns.versioned
 import dns.zone
 from hypothesis import given, settings
@@ -27,7 +28,7 @@ from services.dns import config as dnsconfig
 from services.dns import zone as zonedata
 from services.dns.cache import Cache, CachePolicy
 from services.dns.daemon import DnsServer
-from services.dns.handler import QueryHandler, Verdict, ZoneSlot
+from services.dns.handler import Decision, QueryHandler, Verdict, ZoneSlot
 from services.dns.localnames import LocalNames
 from services.dns.secondary import Action, Secondary, Serving, SoaTimers, serial_gt
 
@@ -281,6 +282,31 @@ def test_handler_notify_only_from_primary() -> None:
     d = h.handle(q.to_wire(), (PRIMARY, 53), T0)
     assert d.notify_zone == "corp.example."
     assert dns.message.from_wire(d.reply or b"").rcode() == dns.rcode.NOERROR
+
+
+def test_handler_notify_needs_the_zones_tsig_key() -> None:
+    key = dns.tsig.Key("moat-xfr.", "bW9hdC10ZXN0LXRzaWctc2VjcmV0LTMyLWJ5dGVzISE=")
+    other = dns.tsig.Key("moat-xfr.", "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldC0zMmJ5dGU=")
+    h = make_handler()
+    h.zones[0].tsig = key
+    h.keyring = {key.name: key}
+
+    def notify(signing: dns.tsig.Key | None) -> tuple[Decision, bytes]:
+        q = dns.message.make_query("corp.example.", "SOA")
+        q.set_opcode(dns.opcode.NOTIFY)
+        if signing is not None:
+            q.use_tsig(signing)
+        wire = q.to_wire()
+        return h.handle(wire, (PRIMARY, 53), T0), q.mac
+
+    unsigned, _ = notify(None)
+    assert unsigned.notify_zone is None and h.counters["notify_unsigned"] == 1
+    forged, _ = notify(other)  # right name, wrong secret: no protocol action
+    assert forged.notify_zone is None
+    signed, mac = notify(key)
+    assert signed.notify_zone == "corp.example."
+    reply = dns.message.from_wire(signed.reply or b"", keyring=key, request_mac=mac)
+    assert reply.had_tsig and reply.rcode() == dns.rcode.NOERROR
 
 
 def test_handler_formerr_and_drops() -> None:

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.netns
 ZONE = "corp.example"
 PRIMARY, MOAT_WAN, MOAT_LAN = "10.99.0.1", "10.99.0.2", "192.168.50.1"
 NET_ZONE = "example.net.zone"
+TSIG_NAME = "moat-xfr"
+TSIG_SECRET = "bW9hdC10ZXN0LXRzaWctc2VjcmV0LTMyLWJ5dGVzISE="
 RESOLVER, SPOOFER, MOAT_UP = "10.99.1.1", "10.99.1.3", "10.99.1.2"
 
 
@@ -134,9 +136,11 @@ def net(lab: Lab, tmp_path: Path) -> dict:
         named_conf(
             pstate,
             PRIMARY,
+            # transfers and NOTIFY signed with TSIG (RFC 8945)
+            f'key "{TSIG_NAME}" {{ algorithm hmac-sha256; secret "{TSIG_SECRET}"; }};\n'
             f'zone "{ZONE}" {{ type primary; file "{pstate}/{ZONE}.zone"; }};',
-            f"allow-transfer {{ {MOAT_WAN}; }}; ixfr-from-differences yes; "
-            f"notify explicit; also-notify {{ {MOAT_WAN}; }}; "
+            f"allow-transfer {{ key {TSIG_NAME}; }}; ixfr-from-differences yes; "
+            f"notify explicit; also-notify {{ {MOAT_WAN} key {TSIG_NAME}; }}; "
             f"notify-source {PRIMARY};",
         ),
     )
@@ -181,6 +185,8 @@ def net(lab: Lab, tmp_path: Path) -> dict:
         [[zone]]
         name = "{ZONE}"
         primaries = ["{PRIMARY}"]
+        tsig_name = "{TSIG_NAME}"
+        tsig_secret = "{TSIG_SECRET}"
         max_age = 3600
         transfer_timeout = 2
         [forward]

@@ -12,6 +12,9 @@ primaries = ["10.99.0.1"]         # transfers from / NOTIFY accepted from
 primary_port = 53
 max_age = 604800                  # serve the copy this long past refresh
 transfer_timeout = 10
+tsig_name = "moat-xfr"            # optional TSIG (RFC 8945) for SOA checks,
+tsig_secret = "base64..."         # transfers and NOTIFY; a NOTIFY without it
+tsig_algorithm = "hmac-sha256"    # is then refused
 
 [forward]
 resolvers = ["10.99.0.53"]        # corporate resolvers (through the tunnel)
@@ -32,12 +35,14 @@ lease_file = "/var/lib/moat/dhcpd.leases"  # written by moat dhcpd
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 import dns.exception
 import dns.name
+import dns.tsig
 
 from services.configfile import Section, read_section
 from services.dns.cache import CachePolicy
@@ -53,6 +58,7 @@ class ZoneConfig:
     primary_port: int
     max_age: float
     transfer_timeout: float
+    tsig: dns.tsig.Key | None
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,19 @@ def _networks(section: Section, key: str) -> list[IPNetwork] | None:
         raise section.error(key, str(exc)) from exc
 
 
+def _tsig_key(section: Section) -> dns.tsig.Key | None:
+    if "tsig_name" not in section.table:
+        return None
+    name = _name(section, "tsig_name")
+    secret = section.get("tsig_secret", str)
+    algorithm = section.get("tsig_algorithm", str, "hmac-sha256")
+    try:
+        base64.b64decode(secret, validate=True)
+        return dns.tsig.Key(name, secret, algorithm)
+    except (ValueError, dns.exception.DNSException) as exc:
+        raise section.error("tsig_secret", f"not a usable TSIG key: {exc}") from exc
+
+
 def _path(section: Section, key: str) -> Path | None:
     value = section.get(key, str, "")
     return Path(value) if value else None
@@ -109,6 +128,7 @@ def load(path: str | Path) -> DnsConfig:
             primary_port=z.port("primary_port", 53),
             max_age=z.number("max_age", 7 * DAY),
             transfer_timeout=z.number("transfer_timeout", 10.0, low=0.1),
+            tsig=_tsig_key(z),
         )
         for z in top.subs("zone")
     ]

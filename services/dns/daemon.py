@@ -78,7 +78,8 @@ class DnsServer:
     def __init__(self, cfg: dnsconfig.DnsConfig) -> None:
         self.cfg = cfg
         self.slots = [
-            ZoneSlot(Secondary(z.name, z.max_age), set(z.primaries)) for z in cfg.zones
+            ZoneSlot(Secondary(z.name, z.max_age), set(z.primaries), z.tsig)
+            for z in cfg.zones
         ]
         self.zone_cfg = {z.name: z for z in cfg.zones}
         self.wakeups = {slot.secondary.name: asyncio.Event() for slot in self.slots}
@@ -273,6 +274,8 @@ class DnsServer:
         self, slot: ZoneSlot, primary: str, zcfg: dnsconfig.ZoneConfig
     ) -> int:
         query = dns.message.make_query(slot.origin, dns.rdatatype.SOA)
+        if zcfg.tsig is not None:
+            query.use_tsig(zcfg.tsig)
         reply = await dns.asyncquery.udp_with_fallback(
             query, primary, timeout=zcfg.transfer_timeout, port=zcfg.primary_port
         )
@@ -293,12 +296,15 @@ class DnsServer:
         zcfg: dnsconfig.ZoneConfig,
         action: Action,
     ) -> None:
+        tsig: dict[str, Any] = {}
+        if zcfg.tsig is not None:
+            tsig = {"keyring": zcfg.tsig, "keyname": zcfg.tsig.name}
         if action is Action.IXFR and slot.data is not None:
             target = slot.data  # deltas applied in one transaction
-            query, _ = dns.xfr.make_query(target)
+            query, _ = dns.xfr.make_query(target, **tsig)
         else:
             target = zonedata.new_zone(slot.secondary.name)
-            query, _ = dns.xfr.make_query(target, serial=None)
+            query, _ = dns.xfr.make_query(target, serial=None, **tsig)
         await dns.asyncquery.inbound_xfr(
             primary,
             target,

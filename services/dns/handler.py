@@ -36,6 +36,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import dns.tsig
 import dns.versioned
 
 from services.dns import zone as zonedata
@@ -78,6 +79,7 @@ class ZoneSlot:
 
     secondary: Secondary
     primaries: set[str]
+    tsig: dns.tsig.Key | None = None  # required on NOTIFY when set
     data: dns.versioned.Zone | None = None
     origin: dns.name.Name = field(init=False)
 
@@ -100,6 +102,8 @@ class QueryHandler:
         self.forwarding = forwarding
         self.allow_query = allow_query
         self.counters: Counter[str] = Counter()
+        # TSIG keys of the zones: signed messages are verified while parsing
+        self.keyring = {s.tsig.name: s.tsig for s in zones if s.tsig is not None}
 
     def handle(
         self, wire: bytes, source: tuple[str, int], now: float, tcp: bool = False
@@ -110,7 +114,7 @@ class QueryHandler:
         if wire[FLAGS_OFFSET] & QR_BIT:
             return self._drop("response-to-server")
         try:
-            query = dns.message.from_wire(wire)
+            query = dns.message.from_wire(wire, keyring=self.keyring or None)
         except dns.exception.DNSException as exc:
             return self._formerr(wire, str(exc) or type(exc).__name__, tcp)
 
@@ -267,6 +271,15 @@ class QueryHandler:
             # RFC 1996 §3.10: only from a known primary
             log.warning("NOTIFY for %s from %s refused", q.name, source[0])
             self.counters["notify_refused"] += 1
+            return self._reply(query, dns.rcode.REFUSED, tcp)
+        if slot.tsig is not None and (
+            not query.had_tsig or query.keyname != slot.tsig.name
+        ):
+            # RFC 8945: the zone's key is required; a bad signature never gets here
+            log.warning(
+                "NOTIFY for %s from %s without the zone's TSIG", q.name, source[0]
+            )
+            self.counters["notify_unsigned"] += 1
             return self._reply(query, dns.rcode.REFUSED, tcp)
         serial = None
         for rrset in query.answer:
