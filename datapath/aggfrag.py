@@ -383,6 +383,8 @@ class Reassembler:
         self.expire(now)
 
         # window and duplicates (RFC 9347 §2.2.3)
+        if seq < self.highest:
+            self.counters["reordered"] += 1  # arrived after a later one
         if seq < self.highest - self.window:
             self._drop(Drop.TOO_OLD)
             return out
