@@ -118,7 +118,7 @@ def test_reassembly_under_loss_and_reordering(lab: Lab, tmp_path: Path) -> None:
         # others pass them (no sch_netem here: HTB + nft "meta priority")
         r1.run("tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb",
                "default", "10")  # fmt: skip
-        for classid, rate in (("1:10", "10gbit"), ("1:20", "100mbit")):
+        for classid, rate in (("1:10", "10gbit"), ("1:20", "20mbit")):
             r1.run("tc", "class", "add", "dev", "eth0", "parent", "1:", "classid",
                    classid, "htb", "rate", rate)  # fmt: skip
         r1.run("nft", "-f", "-", input=NFT_REORDER)
