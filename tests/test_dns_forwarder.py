@@ -97,3 +97,17 @@ def test_silent_resolver_gives_way_to_the_next() -> None:
         s2.close()
 
     asyncio.run(scenario())
+
+
+def test_no_resolver_answering_fails_fast_for_a_while() -> None:
+    async def scenario() -> None:
+        mute = Resolver(mute=True)
+        port, server = await start(mute)
+        fwd = Forwarder([("127.0.0.1", port)], 0.2)
+        assert await fwd.resolve(dns.message.make_query("a.example.", "A")) is None
+        assert await fwd.resolve(dns.message.make_query("b.example.", "A")) is None
+        assert mute.udp_queries == 1  # the second never left
+        assert fwd.counters["upstream_down_fast_fail"] == 1
+        server.close()
+
+    asyncio.run(scenario())

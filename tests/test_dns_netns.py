@@ -308,6 +308,9 @@ def test_secondary_forwarder_local_names(net: dict, moat_cmd: list[str]) -> None
     )
     assert "10.20.0.80" in dig(client, f"www.{ZONE}")
     assert "status: SERVFAIL" in dig(client, "other.example.org")  # no upstream
+    started = time.monotonic()
+    assert "status: SERVFAIL" in dig(client, "more.example.org")  # at once
+    assert time.monotonic() - started < 1.0
 
     # restart during the outage: the copy on disk is served at once
     proc.terminate()

@@ -6,7 +6,8 @@ and port, carries our ID, and repeats our question name, type and class
 (the checks whose absence made DNSpooq possible); anything else arriving on the
 socket is counted and ignored while we keep waiting. Identical questions
 asked while one is in flight share that upstream query. A truncated reply is
-retried over TCP. Resolvers are tried in order until one answers.
+retried over TCP. Resolvers are tried in order until one answers; when none
+does, queries fail fast (SERVFAIL) for HOLD_DOWN seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections import Counter
 
 import dns.asyncquery
@@ -36,6 +38,9 @@ MAX_INFLIGHT = 512
 SOURCE_PORT_LOW = 1024
 SOURCE_PORT_HIGH = 65535
 PORT_ATTEMPTS = 16
+# after every resolver timed out, answer SERVFAIL at once for this long rather
+# than make each LAN client wait out the timeout while the WAN is down
+HOLD_DOWN = 5.0
 
 
 class _ReplyProtocol(asyncio.DatagramProtocol):
@@ -86,6 +91,7 @@ class Forwarder:
         self.timeout = timeout
         self.inflight: dict[Question, asyncio.Future[dns.message.Message | None]] = {}
         self.counters: Counter[str] = Counter()
+        self.down_until = 0.0  # monotonic; see HOLD_DOWN
 
     async def resolve(self, query: dns.message.Message) -> dns.message.Message | None:
         """The upstream answer to the client's question, or None if none came."""
@@ -96,6 +102,10 @@ class Forwarder:
         if shared is not None:
             self.counters["upstream_shared"] += 1
             return await asyncio.shield(shared)
+        if time.monotonic() < self.down_until:
+            # no resolver answered a moment ago (tunnel down?): fail fast
+            self.counters["upstream_down_fast_fail"] += 1
+            return None
         if len(self.inflight) >= MAX_INFLIGHT:
             self.counters["upstream_overload"] += 1
             return None
@@ -114,10 +124,15 @@ class Forwarder:
             del self.inflight[question]
 
     async def _ask_all(self, question: Question) -> dns.message.Message | None:
+        answered = False
         for resolver in self.resolvers:
             reply = await self._ask(resolver, question)
+            answered = answered or reply is not None
             if reply is not None and reply.rcode() != dns.rcode.SERVFAIL:
                 return reply
+        if not answered:
+            self.down_until = time.monotonic() + HOLD_DOWN
+            log.info("no upstream resolver answers; failing fast for %.0fs", HOLD_DOWN)
         return None
 
     async def _ask(
