@@ -32,6 +32,7 @@ from ota.repository import (
     describe_metadata,
     parse_duration,
 )
+from ota.schedule import DEFAULT_INTERVAL, Schedule, watch
 
 DEFAULT_CONFIG = "/usr/lib/moat/ota.json"
 
@@ -95,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("status", "show the slots and the boot environment"),
         ("check", "verify the repository (or a bundle) and show the update"),
         ("install", "install the update into the idle slot"),
+        ("watch", "check the repository on a schedule and install updates"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument(
@@ -106,6 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--bundle", type=Path)
         if name == "install":
             p.add_argument("file", nargs="?", type=Path, help="offline bundle")
+        if name == "watch":
+            p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL)
+            p.add_argument(
+                "--reboot", action="store_true", help="reboot into an installed update"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,6 +250,21 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    inst = _installer(args)
+    if not inst.config.repository_url:
+        raise MoatError("no repository_url in the ota configuration")
+    reboot = (
+        inst.config.extra.get("console", {})
+        .get("commands", {})
+        .get("reboot", ["reboot"])
+        if args.reboot
+        else None
+    )
+    watch(inst, inst.config.repository_url, Schedule(interval=args.interval), reboot)
+    return 0
+
+
 _COMMANDS = {
     "keygen": _keygen,
     "publish": _publish,
@@ -253,4 +275,5 @@ _COMMANDS = {
     "status": _status,
     "check": _check,
     "install": _install,
+    "watch": _watch,
 }

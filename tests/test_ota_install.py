@@ -399,3 +399,60 @@ def test_version_parser_properties() -> None:
     no_crash()
     zeros_do_not_matter()
     assert is_newer("1.10", "1.9")
+
+
+def test_schedule_backs_off_when_unreachable_and_resets() -> None:
+    from ota.schedule import Outcome, Schedule
+
+    s = Schedule(interval=3600, retry_min=60)
+    mid = lambda: 0.5  # noqa: E731 - no jitter
+    delays = [s.next_check(0, Outcome.UNREACHABLE, mid) for _ in range(8)]
+    assert delays == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert s.next_check(0, Outcome.UP_TO_DATE, mid) == 3600
+    assert s.next_check(0, Outcome.UNREACHABLE, mid) == 60
+    low, high = (
+        s.next_check(0, Outcome.INSTALLED, lambda: 0.0),
+        s.next_check(0, Outcome.INSTALLED, lambda: 1.0),
+    )
+    assert (low, high) == pytest.approx((3240, 3960))
+
+
+def test_watch_installs_from_served_repository(world: World, served_repo: str) -> None:
+    from ota.schedule import Schedule, watch
+
+    world.config.repository_url = served_repo
+    sleeps: list[float] = []
+    # nothing published yet: up to date, wait a full interval
+    watch(
+        world.installer(),
+        served_repo,
+        Schedule(interval=100),
+        None,
+        lambda: 0.0,
+        sleeps.append,
+        rounds=1,
+    )
+    assert world.state().trial == "-"
+    world.publish("1.1.0")
+    watch(
+        world.installer(),
+        served_repo,
+        Schedule(interval=100),
+        None,
+        lambda: 0.0,
+        sleeps.append,
+        rounds=1,
+    )
+    assert world.state().trial == "b"
+    assert all(90 <= d <= 110 for d in sleeps)
+    # portal unreachable: retried sooner
+    watch(
+        world.installer(),
+        "http://127.0.0.1:9",
+        Schedule(interval=100, retry_min=5),
+        None,
+        lambda: 0.0,
+        sleeps.append,
+        rounds=1,
+    )
+    assert sleeps[-1] <= 5.5
