@@ -85,6 +85,22 @@ class World:
     def install(self, bundle: Path | None) -> str:
         return self.installer().install(Source(self.config.repository_url, bundle))
 
+    def config_json(self, **extra: object) -> dict[str, object]:
+        """The box's ota.json, as `moat ota` / `moat console` read it."""
+        cfg = self.config
+        return {
+            "product": cfg.product,
+            "board": cfg.board,
+            "version": cfg.version,
+            "slots": {k: str(v) for k, v in cfg.slots.items()},
+            "bootenv": {
+                "path": str(cfg.bootenv_path),
+                "offsets": list(cfg.bootenv_offsets),
+            },
+            "state_dir": str(cfg.state_dir),
+            "trusted_root": str(cfg.trusted_root),
+        } | extra
+
     def snapshot_box(self) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in self.box.iterdir() if p.is_file()}
 

@@ -30,7 +30,6 @@ class Box:
         self.log = tmp / "moat.log"
         self.log.write_text("".join(f"log line {i}\n" for i in range(100)))
         record = f'echo "$0 $*" >> {self.calls}'
-        cfg = self.world.config
 
         def stand_in(name: str) -> list[str]:
             return ["sh", "-c", record, name]
@@ -38,19 +37,9 @@ class Box:
         self.config = tmp / "ota.json"
         self.config.write_text(
             json.dumps(
-                {
-                    "product": cfg.product,
-                    "board": cfg.board,
-                    "version": cfg.version,
-                    "slots": {k: str(v) for k, v in cfg.slots.items()},
-                    "bootenv": {
-                        "path": str(cfg.bootenv_path),
-                        "offsets": list(cfg.bootenv_offsets),
-                    },
-                    "state_dir": str(cfg.state_dir),
-                    "trusted_root": str(cfg.trusted_root),
-                    "running_slot": "a",
-                    "console": {
+                self.world.config_json(
+                    running_slot="a",
+                    console={
                         "commands": {
                             name: stand_in(name)
                             for name in (
@@ -75,7 +64,7 @@ class Box:
                         "log_file": str(tmp / "console.log"),
                         "status_files": {"tunnel": str(tmp / "tunnel.status")},
                     },
-                }
+                )
             )
         )
         (tmp / "tunnel.status").write_text("up, portal 198.51.100.1\n")

@@ -38,24 +38,14 @@ def trial_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World
     bundle, _ = world.publish("1.1.0")
     world.install(bundle)
     assert bootenv.grub_boot(world.config.store()).slot == "b"
-    cfg = world.config
     calls = tmp_path / "calls"
-    config: dict[str, Any] = {
-        "product": cfg.product,
-        "board": cfg.board,
-        "version": "1.1.0",
-        "slots": {k: str(v) for k, v in cfg.slots.items()},
-        "bootenv": {
-            "path": str(cfg.bootenv_path),
-            "offsets": list(cfg.bootenv_offsets),
-        },
-        "state_dir": str(cfg.state_dir),
-        "trusted_root": str(cfg.trusted_root),
-        "running_slot": "b",
-        "prove_settle": 0.5,
-        "prove_deadline": 60,
-        "console": {"commands": {"reboot": ["sh", "-c", f"echo reboot >> {calls}"]}},
-    }
+    config = world.config_json(
+        version="1.1.0",
+        running_slot="b",
+        prove_settle=0.5,
+        prove_deadline=60,
+        console={"commands": {"reboot": ["sh", "-c", f"echo reboot >> {calls}"]}},
+    )
     path = tmp_path / "ota.json"
     path.write_text(json.dumps(config))
     monkeypatch.setattr(ota.supervise, "CONFIG", path)
