@@ -46,6 +46,7 @@ def dhcpd_config(tmp: Path, **extra: Any) -> Path:
         "mtu": 1400,
         "lease_time": 3600,
         "lease_file": str(tmp / "dhcpd.leases"),
+        "status_file": str(tmp / "dhcpd.status.json"),
     }
     table.update(extra)
     lines = ["[dhcpd]"]

@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from dhcp_lab import (
     DHCLIENT_HOOK,
     DHCPCD_HOOK,
+    REPO,
     UDHCPC_HOOK,
     dhcpd_config,
     events,
@@ -28,6 +30,24 @@ RESERVED_MAC = "02:00:00:00:77:01"
 RESERVED_IP = "10.99.0.77"
 
 
+GARBAGE = """
+import random, socket, sys
+rng = random.Random(4)
+discover = bytes.fromhex(
+    "010106000000002a0000000000000000000000000000000000000000020000000a01"
+) + bytes(202) + bytes.fromhex("63825363") + bytes([53, 1, 1, 50, 4, 10, 99, 0, 7, 255])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(400):
+    if i % 2:
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 600)))
+    else:
+        data = bytearray(discover)
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(236, len(data))] = rng.getrandbits(8)
+    s.sendto(bytes(data), (sys.argv[1], 67))
+"""
+
+
 def last(tmp: Path, name: str, kind: str) -> list[str] | None:
     found = [e for e in events(tmp, name) if e[0] == kind]
     return found[-1] if found else None
@@ -41,7 +61,8 @@ def test_three_real_clients(
     request.addfinalizer(
         lambda: Path(f"/var/lib/dhcpcd/{dhcpcd_if}.lease").unlink(True)
     )
-    srv, hosts = lan(lab, ["u", "d", "c"], {"c": dhcpcd_if})
+    srv, hosts = lan(lab, ["u", "d", "c", "g"], {"c": dhcpcd_if})
+    hosts["g"].ip("addr", "add", "10.99.0.250/24", "dev", "eth0")
     hosts["u"].ip("link", "set", "eth0", "address", RESERVED_MAC)
     # T1 of 4 s so dhclient and dhcpcd renew by themselves during the test
     config = dhcpd_config(
@@ -53,6 +74,10 @@ def test_three_real_clients(
     )
     log = tmp_path / "dhcpd.log"
     server = start_dhcpd(srv, config, log)
+
+    # garbage first: random and mutated datagrams are dropped and counted (the
+    # counters are checked at the restart below); the clients still get leases
+    hosts["g"].run(sys.executable, "-c", GARBAGE, "10.99.0.1")
 
     # udhcpc: stays in the foreground, releases on SIGTERM (-R)
     udhcpc = hosts["u"].popen(
@@ -93,6 +118,18 @@ def test_three_real_clients(
     assert addrs <= set(stored)
     assert stored[RESERVED_IP]["hostname"] == "busybox"
     hosts["d"].run("ping", "-c1", "-W2", "10.99.0.1")
+    # the status file is rewritten every few seconds
+    status_argv = [sys.executable, "-m", "moat", "dhcpd", "--config", str(config)]
+
+    def active_leases() -> bool:
+        res = subprocess.run(
+            [*status_argv, "--status"], capture_output=True, text=True, cwd=REPO
+        )
+        return res.returncode == 0 and (
+            json.loads(res.stdout)["leases"]["active_leases"] == 3
+        )
+
+    wait_for(active_leases, timeout=20, interval=0.5)
 
     # dhclient and dhcpcd renew at T1 by themselves; udhcpc on SIGUSR1
     wait_for(lambda: last(tmp_path, "d", "RENEW"), timeout=30)
@@ -106,6 +143,8 @@ def test_three_real_clients(
     server.send_signal(signal.SIGTERM)
     assert server.wait(10) == 0
     assert "dhcpd stopped" in log.read_text()
+    counters = log.read_text().split("dhcpd counters:")[1]
+    assert "drop_malformed=" in counters and "drop_malformed_option=" in counters
     start_dhcpd(srv, config, log)
     renews = len([e for e in events(tmp_path, "u") if e[0] == "renew"])
     udhcpc.send_signal(signal.SIGUSR1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def test_client_follows_isp(lab: Lab, tmp_path: Path) -> None:
     client = moat.popen(
         sys.executable, "-m", "moat", "dhcpc", "-vv", "--interface", "wild0",
         "--hook", f"{hook}", "--hostname", "moat1", "--min-rebind-wait", "1",
+        "--status-file", str(tmp_path / "dhcpc.status.json"),
         cwd=REPO, stdout=out, stderr=out,
     )  # fmt: skip
 
@@ -70,6 +72,9 @@ def test_client_follows_isp(lab: Lab, tmp_path: Path) -> None:
     assert f"inet {new}/24" in moat.run("ip", "-4", "addr", "show", "wild0").stdout
     assert "default via 192.0.2.1" in moat.run("ip", "route").stdout
     moat.run("ping", "-c1", "-W2", "192.0.2.1")
+    status_file = tmp_path / "dhcpc.status.json"
+    wait_for(lambda: json.loads(status_file.read_text())["address"] == new, 10)
+    assert json.loads(status_file.read_text())["state"] in ("bound", "renewing")
 
     # renews at T1 (unicast REQUEST, dnsmasq ACKs again); the hook stays quiet
     dnsmasq_log = tmp_path / "dnsmasq-a.log"

@@ -17,6 +17,7 @@
     rebinding_time = 3150             # option 59, T2 (default 0.875 x lease)
     decline_probation = 3600          # seconds a declined address is parked
     lease_file = "/var/lib/moat/dhcpd.leases"
+    status_file = "/run/moat/dhcpd.status.json"   # `moat dhcpd --status`
 
     [[dhcpd.reservations]]
     mac = "02:00:00:00:00:10"
@@ -37,6 +38,7 @@ from moat.errors import ConfigError
 from services.dhcp.message import DhcpError, encode_domain_search
 
 SECTION = "dhcpd"
+DEFAULT_STATUS_FILE = "/run/moat/dhcpd.status.json"
 MIN_LEASE_TIME = 10
 MAX_LEASE_TIME = 0xFFFFFFFE  # 0xffffffff means "infinite" (RFC 2131 §3.3)
 MIN_MTU = 68  # RFC 2132 §5.1
@@ -67,6 +69,7 @@ class ServerConfig:
     rebinding_time: int = 3150
     decline_probation: int = 3600
     reservations: list[Reservation] = field(default_factory=list)
+    status_file: Path = Path(DEFAULT_STATUS_FILE)
 
 
 def load(path: str | Path) -> ServerConfig:
@@ -139,6 +142,9 @@ def parse(document: dict[str, Any], source: str = "") -> ServerConfig:
         rebinding_time=rebinding_time,
         decline_probation=decline_probation,
         reservations=_reservations(table.get("reservations", []), subnet, source),
+        status_file=Path(
+            fields.string("status_file", required=False) or DEFAULT_STATUS_FILE
+        ),
     )
 
 

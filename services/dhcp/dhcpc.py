@@ -50,6 +50,7 @@ from services.dhcp.client import (
     Transmit,
 )
 from services.dhcp.message import DhcpError
+from services.runtime import print_status, publish_status
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ AUXDATA_SIZE = 20
 RECEIVE_SIZE = 4096
 MAX_WAIT = 1.0  # seconds between looks at the stop flag
 HOOK_TIMEOUT = 120
+STATUS_INTERVAL = 5.0
 IP_TIMEOUT = 10
 
 # classic BPF over the IP header (SOCK_DGRAM packet socket): accept
@@ -101,6 +103,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="send DHCPRELEASE and remove the address when stopped",
     )
     parser.add_argument(
+        "--status-file",
+        type=Path,
+        metavar="PATH",
+        help="status JSON (default /run/moat/dhcpc-IFACE.status.json)",
+    )
+    parser.add_argument(
+        "--status", action="store_true", help="print the running client's status"
+    )
+    parser.add_argument(
         "--min-rebind-wait",
         type=float,
         default=60.0,
@@ -110,6 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    status_file = args.status_file or Path(
+        f"/run/moat/dhcpc-{args.interface}.status.json"
+    )
+    if args.status:
+        return print_status(status_file)
     mac = interface_mac(args.interface)
     client = DhcpClient(
         mac,
@@ -121,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         args.interface,
         shlex.split(args.hook) if args.hook else [],
         configure=not args.no_configure,
+        status_file=status_file,
     )
     flags: dict[str, bool] = {"stop": False, "renew": False}
 
@@ -144,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 adapter.execute([Deconfigure(lease, "released")])
     finally:
         adapter.close()
+        publish_status(status_file, adapter.status(client))
         log.info("dhcpc stopped (%s)", dict(client.counters))
     return 0
 
@@ -164,8 +182,11 @@ def attach_udp_filter(sock: socket.socket) -> None:
 
 
 class ClientAdapter:
-    def __init__(self, interface: str, hook: list[str], configure: bool) -> None:
+    def __init__(
+        self, interface: str, hook: list[str], configure: bool, status_file: Path
+    ) -> None:
         self.interface = interface
+        self.status_file = status_file
         self.hook = hook
         self.configure = configure
         self.current: IPv4Address | None = None  # address configured now
@@ -197,9 +218,35 @@ class ClientAdapter:
 
     # event loop
 
+    def status(self, client: DhcpClient) -> dict[str, object]:
+        now = time.monotonic()
+        lease = client.lease
+        out: dict[str, object] = {
+            "service": "dhcpc",
+            "interface": self.interface,
+            "state": client.state.value,
+            "address": str(lease.address) if lease else None,
+            "counters": dict(sorted(client.counters.items())),
+        }
+        if lease is not None:
+            out.update(
+                prefixlen=lease.prefixlen,
+                server=str(lease.server),
+                router=str(lease.routers[0]) if lease.routers else None,
+                renew_in=round(lease.t1 - now, 1),
+                rebind_in=round(lease.t2 - now, 1),
+                expires_in=round(lease.expiry - now, 1),
+            )
+        return out
+
     def loop(self, client: DhcpClient, flags: dict[str, bool]) -> None:
+        next_status, published = 0.0, None
         while not flags["stop"]:
             now = time.monotonic()
+            state = (client.state, client.lease.address if client.lease else None)
+            if now >= next_status or state != published:
+                publish_status(self.status_file, self.status(client))
+                next_status, published = now + STATUS_INTERVAL, state
             wait = MAX_WAIT if client.timer is None else client.timer - now
             for key, _ in self.selector.select(max(0.0, min(wait, MAX_WAIT))):
                 if key.fileobj is self.packet:

@@ -30,11 +30,13 @@ from services.dhcp.server import (
     Reply,
     build,
 )
+from services.runtime import print_status, publish_status
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 4096
 POLL_INTERVAL = 0.5
+STATUS_INTERVAL = 5.0
 SIOCSARP = 0x8955
 ATF_COM = 0x02
 ARPHRD_ETHER = 1
@@ -45,10 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", required=True, metavar="FILE", help="TOML file with [dhcpd]"
     )
+    parser.add_argument(
+        "--status", action="store_true", help="print the running server's status"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     config = dhcp_config.load(args.config)
+    if args.status:
+        return print_status(config.status_file)
     server = build(config)
     server.leases.load(time.time())
     sock = open_socket(config.interface)
@@ -62,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
     stop = _stop_flag()
     signal.signal(signal.SIGUSR1, lambda *_: log_counters(server))
     try:
-        serve(sock, server, config.interface, stop)
+        serve(sock, server, config, stop)
     finally:
         sock.close()
+        publish_status(config.status_file, status(server))
         log_counters(server)
         log.info("dhcpd stopped")
     return 0
@@ -93,9 +101,16 @@ def _stop_flag() -> Callable[[], bool]:
 
 
 def serve(
-    sock: socket.socket, server: DhcpServer, interface: str, stop: Callable[[], bool]
+    sock: socket.socket,
+    server: DhcpServer,
+    config: dhcp_config.ServerConfig,
+    stop: Callable[[], bool],
 ) -> None:
+    next_status = 0.0
     while not stop():
+        if time.monotonic() >= next_status:
+            publish_status(config.status_file, status(server))
+            next_status = time.monotonic() + STATUS_INTERVAL
         try:
             datagram, peer = sock.recvfrom(RECEIVE_SIZE)
         except TimeoutError:
@@ -104,7 +119,7 @@ def serve(
             continue
         reply = server.handle(datagram, time.time())
         if reply is not None:
-            send(sock, reply, interface)
+            send(sock, reply, config.interface)
 
 
 def send(sock: socket.socket, reply: Reply, interface: str) -> None:
@@ -140,6 +155,15 @@ def add_neighbour(
         log.debug("SIOCSARP %s failed (%s), broadcasting", address, exc)
         return False
     return True
+
+
+def status(server: DhcpServer) -> dict[str, object]:
+    return {
+        "service": "dhcpd",
+        "interface": server.config.interface,
+        "leases": server.leases.status(time.time()),
+        "counters": dict(sorted(server.counters.items())),
+    }
 
 
 def log_counters(server: DhcpServer) -> None:

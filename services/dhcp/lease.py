@@ -192,6 +192,17 @@ class LeaseDatabase:
             )
         return None
 
+    def status(self, now: float) -> dict[str, object]:
+        size = int(self.pool_end) - int(self.pool_start) + 1
+        active = [lease for lease in self.leases.values() if lease.active(now)]
+        return {
+            "pool": f"{self.pool_start}-{self.pool_end}",
+            "pool_size": size,
+            "active_leases": len(active),
+            "parked_addresses": sum(1 for u in self.parked.values() if u > now),
+            "counters": dict(sorted(self.counters.items())),
+        }
+
     # changes
 
     def hold_offer(self, address: IPv4Address, client_key: str, now: float) -> None:
