@@ -43,14 +43,15 @@ from portal.record import (
     MoatRecord,
     RecordError,
     record_from_dict,
-    record_to_dict,
+    record_from_trusted,
+    record_to_index,
     record_to_toml,
 )
 
 log = logging.getLogger(__name__)
 
 RECORD_SUFFIX = ".toml"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 LOCK_BYTES = 1 << 16  # id hashes spread over this many lock bytes
 ALLOCATION_LOCK = 0
 
@@ -289,9 +290,15 @@ class Database:
             data, problem = entry_data[3], entry_data[4]
             if problem is None:
                 try:
-                    parsed.append(record_from_dict(data, name))
-                except RecordError as exc:
-                    problem = str(exc)
+                    parsed.append(record_from_trusted(data))
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    # a damaged cache entry: read the file itself
+                    dirty = True
+                    entry_data = stamp + list(_parse_for_index(Path(entry.path)))
+                    entries[name] = entry_data
+                    problem = entry_data[4]
+                    if problem is None:
+                        parsed.append(record_from_trusted(entry_data[3]))
             if problem is not None:
                 snap.problems[name] = problem
         if set(cached) - set(entries):
@@ -336,4 +343,4 @@ def _parse_for_index(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, str(exc)
     except OSError as exc:
         return None, f"{path.name}: unreadable: {exc.strerror}"
-    return record_to_dict(rec), None
+    return record_to_index(rec), None

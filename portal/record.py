@@ -377,6 +377,59 @@ def _sa_dict(sa: SaPair) -> dict[str, Any]:
     }
 
 
+def _sa_trusted(d: dict[str, Any]) -> SaPair:
+    return SaPair(
+        d["generation"],
+        d["transform"],
+        d["spi_to_portal"],
+        bytes.fromhex(d["key_to_portal"]),
+        d["spi_to_moat"],
+        bytes.fromhex(d["key_to_moat"]),
+    )
+
+
+def record_from_trusted(d: dict[str, Any]) -> MoatRecord:
+    """A record from the index cache, which only ever holds records that
+    passed record_from_dict: rebuilt without validating again (the portal's
+    start at 100,000 moats is mostly this). Raises KeyError/TypeError/
+    ValueError on a damaged cache entry; the caller then parses the file."""
+    learned = d.get("learned")
+    if learned:
+        address = learned.get("address_int")
+        registered = learned.get("registered")
+        learned_obj = Learned(
+            address=None if address is None else ipaddress.IPv4Address(address),
+            port=learned.get("port"),
+            registered=None
+            if registered is None
+            else dt.datetime.fromisoformat(registered),
+        )
+    else:
+        learned_obj = Learned()
+    net, plen = d["subnet_int"]
+    return MoatRecord(
+        id=d["id"],
+        number=d["number"],
+        email=d["email"],
+        ssh_key=d["ssh_key"],
+        wild=d["wild"],
+        subnet=ipaddress.IPv4Network((net, plen)),
+        version=d["version"],
+        learned=learned_obj,
+        sa=_sa_trusted(d["sa"]) if "sa" in d else None,
+        sa_previous=_sa_trusted(d["sa_previous"]) if "sa_previous" in d else None,
+    )
+
+
+def record_to_index(rec: MoatRecord) -> dict[str, Any]:
+    """record_to_dict plus numeric forms that record_from_trusted reads fast."""
+    d = record_to_dict(rec)
+    d["subnet_int"] = [int(rec.subnet.network_address), rec.subnet.prefixlen]
+    if rec.learned.address is not None:
+        d["learned"]["address_int"] = int(rec.learned.address)
+    return d
+
+
 def record_to_dict(rec: MoatRecord) -> dict[str, Any]:
     """JSON-able form (index cache, control socket); round-trips record_from_dict."""
     d: dict[str, Any] = {

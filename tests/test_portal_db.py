@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import multiprocessing
 import os
 import tomllib
@@ -208,6 +209,11 @@ def test_index_cache_used_and_refreshed(db: Database) -> None:
     rec = db.get("m2")
     db.update(rec.replace(email="new@example.com"), rec.version)
     assert db.load_all().records["m2"].email == "new@example.com"
+    # a damaged cache entry (stamp still matching) falls back to the file
+    index = json.loads(db.index_path.read_text())
+    index["entries"]["m3.toml"][3] = {"id": "m3"}
+    db.index_path.write_text(json.dumps(index))
+    assert db.load_all().records["m3"] == db.get("m3")
     # a removed file disappears; a garbage cache is ignored
     db.remove("m1")
     db.index_path.write_text("{garbage")
