@@ -39,6 +39,7 @@ MIN_POLL_INTERVAL = 0.01
 BATCH = 64  # packets per read burst (also the UDP GSO segment cap)
 POLL_INTERVAL = 1.0  # seconds between Datapath.poll calls
 CONTROL_TIMEOUT = 2.0
+ERROR_LOG_INTERVAL = 10.0  # seconds between tracebacks of internal errors
 ESP_MIN = 8  # SPI + sequence number
 
 
@@ -120,6 +121,7 @@ class EventLoop:
         self._reload = False
         self._stop = False
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._next_error_log = 0.0
         if logging.getLogger("datapath.tunnel").isEnabledFor(logging.DEBUG):
             datapath.trace_packets()
 
@@ -174,7 +176,11 @@ class EventLoop:
                         min(now + POLL_INTERVAL, self.dp.next_timer()),
                     )
                 for fd, _ev in epoll.poll(max(0.0, next_poll - now)):
-                    handlers[fd]()
+                    try:
+                        handlers[fd]()
+                    except Exception:
+                        # a bug must cost packets, not the tunnel
+                        self._internal_error()
                 if self._reload:
                     self._reload = False
                     if self.on_reload is not None:
@@ -188,6 +194,20 @@ class EventLoop:
                 signal.signal(s, h)
             wake_r.close()
             wake_w.close()
+
+    def _internal_error(self) -> None:
+        self.counters["internal_error"] += 1
+        self.dp.tun_queue.clear()
+        for peer in self.dp.dirty:
+            peer.tx_queue.clear()
+        self.dp.dirty.clear()
+        now = time.monotonic()
+        if now >= self._next_error_log:
+            self._next_error_log = now + ERROR_LOG_INTERVAL
+            log.exception(
+                "internal error in packet handling (%d so far); packets dropped",
+                self.counters["internal_error"],
+            )
 
     # TUN -> peers
 
@@ -238,12 +258,16 @@ class EventLoop:
         def receive() -> None:
             sock.receive(received, BATCH)
             now = time.monotonic()
-            for data, addr in received:
-                if is_udp and (len(data) < ESP_MIN or data.startswith(NON_ESP_MARKER)):
-                    self._non_esp(data, addr)
-                    continue
-                inbound(data, addr, now)
-            received.clear()
+            try:
+                for data, addr in received:
+                    if is_udp and (
+                        len(data) < ESP_MIN or data.startswith(NON_ESP_MARKER)
+                    ):
+                        self._non_esp(data, addr)
+                        continue
+                    inbound(data, addr, now)
+            finally:
+                received.clear()
             self._to_tun()
             if dp.dirty:
                 self._flush(now)
