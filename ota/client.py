@@ -156,7 +156,7 @@ class OtaConfig:
 
 BOOT_ENV = "/run/moat/boot.env"  # facts the init script found (devices, slot)
 BOOT_MOUNT = "/run/moat/boot"
-BOOTENV_FILES = ("grub/moatenv0", "grub/moatenv1")
+BOOTENV_FILES = ("boot/grub/moatenv0", "boot/grub/moatenv1")
 
 
 def read_boot_env(path: Path) -> dict[str, str]:
