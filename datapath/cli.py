@@ -325,6 +325,9 @@ def format_status(status: dict[str, Any]) -> str:
         if p["counters"]:
             counters = " ".join(f"{k}={v}" for k, v in sorted(p["counters"].items()))
             lines.append(f"  {counters}")
+        if p.get("policy"):
+            policy = " ".join(f"{k}={v}" for k, v in sorted(p["policy"].items()))
+            lines.append(f"  {p['mtu_policy']}: {policy}")
     for title in ("counters", "socket"):
         if status.get(title):
             counters = " ".join(f"{k}={v}" for k, v in sorted(status[title].items()))
