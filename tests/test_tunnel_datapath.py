@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -417,3 +418,23 @@ def test_fuzz_mutated_packets_never_pass(pos: int, bit: int, truncate: bool) -> 
 
 
 FUZZ_LINK = Link()
+
+
+def test_peer_violations_warn_at_most_every_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    link = Link()
+    link.a.outbound(ping("10.1.0.5", "10.2.0.9"), 1.0)
+    (esp,) = link.a.peers["b"].tx_queue
+    bad = bytearray(esp)
+    bad[-1] ^= 1
+    with caplog.at_level(logging.WARNING, logger="datapath.tunnel"):
+        for _ in range(5):
+            link.b.inbound(bytes(bad), A_ADDR, 1.0)
+        link.b.poll(2.0)
+        link.b.inbound(bytes(bad), A_ADDR, 3.0)
+        link.b.poll(3.0)  # within the interval: no second warning
+        link.b.poll(13.0)  # after it: the one new drop is reported
+        link.b.poll(24.0)  # nothing new: silent
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["peer a: dropped 5 rx_icv", "peer a: dropped 1 rx_icv"]
