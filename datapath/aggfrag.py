@@ -380,7 +380,8 @@ class Reassembler:
     def feed(self, seq: int, payload: bytes, now: float) -> list[bytes]:
         """Process the AGGFRAG payload of ESP packet `seq`."""
         out: list[bytes] = []
-        self.expire(now)
+        if self.held_bytes or self._partials:
+            self.expire(now)
 
         # window and duplicates (RFC 9347 §2.2.3)
         if seq < self.highest:
@@ -415,14 +416,16 @@ class Reassembler:
         self._leads[seq] = lead
         if lead.kind == _CONT:
             self.held_bytes += len(lead.data)
-        self._advance(seq, now, out)
+        if seq in self._partials:
+            self._advance(seq, now, out)
         self._check_orphan(seq)
 
         # new blocks after the continuation
         if offset < len(blocks):
             self._parse_blocks(seq, blocks, offset, now, out)
         self._check_orphan(seq + 1)
-        self._enforce_memory()
+        if self.held_bytes > self.max_bytes:
+            self._enforce_memory()
         return out
 
     def expire(self, now: float) -> None:
@@ -576,11 +579,11 @@ class Reassembler:
     def _check_orphan(self, seq: int) -> None:
         """Drop continuation bytes of `seq` if payload seq-1 left nothing open."""
         lead = self._leads.get(seq)
+        if lead is None or lead.kind != _CONT:
+            return
         before = self._leads.get(seq - 1)
         if (
-            lead is not None
-            and lead.kind == _CONT
-            and before is not None
+            before is not None
             and before.kind in (_CLEAN, _USED)  # processed, not waiting itself
             and seq not in self._partials
         ):
@@ -597,11 +600,18 @@ class Reassembler:
     def _slide(self) -> None:
         """The window moved: forget what fell behind it."""
         floor = self.highest - self.window
-        for key in [k for k in self._partials if k < floor]:
-            self._discard_partial(key, Drop.PARTIAL_WINDOW)
-        for seq in [s for s in self._leads if s < floor]:
+        if self._partials:
+            for key in [k for k in self._partials if k < floor]:
+                self._discard_partial(key, Drop.PARTIAL_WINDOW)
+        # leads are (nearly) in arrival order; a late one inserted behind
+        # newer ones goes once those before it are gone (TOO_OLD covers it)
+        leads = self._leads
+        while leads:
+            seq = next(iter(leads))
+            if seq >= floor:
+                break
             self._release_lead(seq, Drop.PARTIAL_WINDOW)
-            del self._leads[seq]
+            del leads[seq]
 
     def _enforce_memory(self) -> None:
         """Drop the oldest partial data until the SA is within max_bytes."""
