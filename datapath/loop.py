@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 MIN_POLL_INTERVAL = 0.01
 BATCH = 64  # packets per read burst (also the UDP GSO segment cap)
 POLL_INTERVAL = 1.0  # seconds between Datapath.poll calls
-CONTROL_TIMEOUT = 2.0
+# the loop answers a status request inline: a client that connects and sends
+# nothing stalls packets for at most this long (the socket is root-only)
+CONTROL_TIMEOUT = 0.5
+QUERY_TIMEOUT = 5.0
 ERROR_LOG_INTERVAL = 10.0  # seconds between tracebacks of internal errors
 ESP_MIN = 8  # SPI + sequence number
 
@@ -87,7 +90,7 @@ class ControlServer:
 def query(path: str, request: str = "status") -> dict[str, Any]:
     """Ask a running tunnel over its control socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CONTROL_TIMEOUT * 2)
+        sock.settimeout(QUERY_TIMEOUT)
         sock.connect(path)
         sock.sendall(request.encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
