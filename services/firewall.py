@@ -33,12 +33,12 @@ import argparse
 import json
 import re
 import subprocess
-import tomllib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
 from moat.errors import ConfigError, MoatError
+from services.configfile import load_toml
 
 SECTION = "firewall"
 TABLE = "moat"
@@ -86,14 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load(path: str) -> FirewallConfig:
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(path, "file", exc.strerror or str(exc)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "file", f"not valid TOML ({exc})") from exc
-    return parse(document, path)
+    return parse(load_toml(path), path)
 
 
 def parse(document: dict[str, Any], source: str = "") -> FirewallConfig:

@@ -28,13 +28,13 @@ Every error names the field (`dhcpd.pool_end: not inside subnet ...`).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from moat.errors import ConfigError
+from services.configfile import load_toml
 from services.dhcp.message import DhcpError, encode_domain_search
 
 SECTION = "dhcpd"
@@ -73,15 +73,7 @@ class ServerConfig:
 
 
 def load(path: str | Path) -> ServerConfig:
-    source = str(path)
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(source, "file", exc.strerror or str(exc)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "file", f"not valid TOML ({exc})") from exc
-    return parse(document, source)
+    return parse(load_toml(path), str(path))
 
 
 def parse(document: dict[str, Any], source: str = "") -> ServerConfig:

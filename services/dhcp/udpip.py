@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from datapath.icmp import internet_checksum as checksum  # RFC 1071
 from services.dhcp.message import DhcpError
 
 IPV4_VERSION = 4
@@ -35,16 +36,6 @@ class UdpDatagram:
     source_port: int
     destination_port: int
     payload: bytes
-
-
-def checksum(data: bytes) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _pseudo_header(src: bytes, dst: bytes, length: int) -> bytes:
