@@ -191,6 +191,10 @@ def bench_size(n: int) -> dict[str, object]:
             rate = bench_control(site)
             figures["control_registrations_per_s"] = round(rate, 1)
             print(f"  control socket: {rate:.1f} registrations/s")
+            if not private:
+                proc.terminate()
+                proc.wait(30)
+                return figures
             rate = bench_ssh(site, moat_host, private)
             figures["sshd_registrations_per_s"] = round(rate, 1)
             figures["sshd_storm_10000_s_extrapolated"] = round(STORM / rate, 1)
