@@ -26,7 +26,12 @@ def moat_argv(*args: str) -> list[str]:
 
 class PortalSite:
     def __init__(
-        self, host: Host, address: str, networks: tuple[str, ...] = ("10.10.0.0/16",)
+        self,
+        host: Host,
+        address: str,
+        networks: tuple[str, ...] = ("10.10.0.0/16",),
+        pool: str = "10.200.0.0/16",
+        prefix: int = 28,
     ) -> None:
         self.host = host
         self.address = address
@@ -51,8 +56,8 @@ class PortalSite:
             check=True,
         )
         nets = [a for n in networks for a in ("--network", n)]
-        self.moat("init", "--endpoint", address, "--pool", "10.200.0.0/16",
-                  "--prefix", "28", "--host-key", str(self.dir / "hostkey.pub"),
+        self.moat("init", "--endpoint", address, "--pool", pool,
+                  "--prefix", str(prefix), "--host-key", str(self.dir / "hostkey.pub"),
                   "--ssh-port", str(SSH_PORT), "--ssh-user", "root",
                   "--control", str(self.control), *nets)  # fmt: skip
         lines = self.moat("sshd-config", "--keys-command", str(self.keys_command),

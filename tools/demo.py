@@ -3,22 +3,25 @@
 
     lan client      moat            internet        portal           corp host
     192.168.1.10 -- 192.168.1.1                                      10.50.0.10
-                    203.0.113.2 -- 203.0.113.1
+                    203.0.113.x -- 203.0.113.1
+                    (DHCP)         dnsmasq
                                    198.51.100.1 -- 198.51.100.2
                                                    10.50.0.1 ------/
-                    [moat tunnel]  (sees only ESP)  [moat tunnel]
+                    [moat tunnel]  (sees only ESP)  [moat portal run]
+                    [moat register] -- ssh -------> [sshd]
 
-Every host is a network namespace made here and deleted at the end. Keys are
-generated fresh for this run (one per direction). The demo pings the corporate
-host from the LAN client, downloads a file from a web server on it, checks the
-SHA-256, and prints the tunnel counters of both ends.
+Every host is a network namespace made here and deleted at the end. The portal
+provisions the moat (`moat portal add`: subnet, ssh identity, pinned host key);
+the moat gets its wild-side address from the ISP's DHCP server, registers over
+ssh (`moat register`), receives fresh SAs and brings its tunnel up. The demo
+pings the corporate host from the LAN client, downloads a file from a web
+server on it, checks the SHA-256, and prints the counters of both ends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -30,40 +33,12 @@ TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP / "tests"))
 
 from netns import Host, Lab, wait_for  # noqa: E402
+from portal_lab import PortalSite  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(TOP), "MOAT_LOG_LEVEL": "INFO"}
 DOWNLOAD_BYTES = 20 * 1024 * 1024
 TRANSFORM = "aes-gcm-128"
 
-TUNNEL_TOML = """\
-[tunnel]
-name = "{peer_name}"
-encapsulation = "udp"
-control_socket = "{control}"
-
-[tun]
-name = "moat0"
-addresses = ["{tun_address}"]
-routes = ["{remote_net}"]
-
-[outer]
-local = "{local}"
-remote = "{remote}"
-
-[selectors]
-local = ["{local_net}"]
-remote = ["{remote_net}"]
-
-[sa.in]
-spi = {spi_in:#x}
-transform = "{transform}"
-key = "{key_in}"
-
-[sa.out]
-spi = {spi_out:#x}
-transform = "{transform}"
-key = "{key_out}"
-"""
 
 # run on the LAN client: wait for the server, download, report rate and hash
 FETCH = """\
@@ -104,83 +79,81 @@ def build_network(lab: Lab) -> dict[str, Host]:
     }
     h = hosts
     lab.link(h["lan"], "eth0", "192.168.1.10/24", h["moat"], "lan0", "192.168.1.1/24")
-    lab.link(
-        h["moat"], "wan0", "203.0.113.2/24", h["internet"], "isp0", "203.0.113.1/24"
-    )
+    lab.link(h["moat"], "wan0", None, h["internet"], "isp0", "203.0.113.1/24")
     lab.link(
         h["internet"], "hq0", "198.51.100.1/24", h["portal"], "wan0", "198.51.100.2/24"
     )
     lab.link(h["portal"], "corp0", "10.50.0.1/24", h["corp"], "eth0", "10.50.0.10/24")
     h["lan"].ip("route", "add", "default", "via", "192.168.1.1")
-    h["moat"].ip("route", "add", "default", "via", "203.0.113.1")
     h["portal"].ip("route", "add", "default", "via", "198.51.100.1")
     h["corp"].ip("route", "add", "default", "via", "10.50.0.1")
     return hosts
 
 
-def write_configs(tmp: Path) -> tuple[Path, Path]:
-    # one key per direction (AES-GCM-128: 16-byte key + 4-byte salt)
-    up = (0x1000 + secrets.randbelow(0xEFFF), secrets.token_hex(20))
-    down = (0x1000 + secrets.randbelow(0xEFFF), secrets.token_hex(20))
-    moat = TUNNEL_TOML.format(
-        peer_name="portal",
-        control=tmp / "moat.sock",
-        tun_address="10.255.0.1/32",
-        local="203.0.113.2",
-        remote="198.51.100.2",
-        local_net="192.168.1.0/24",
-        remote_net="10.50.0.0/16",
-        spi_in=down[0],
-        key_in=down[1],
-        spi_out=up[0],
-        key_out=up[1],
-        transform=TRANSFORM,
-    )
-    portal = TUNNEL_TOML.format(
-        peer_name="moat-home",
-        control=tmp / "portal.sock",
-        tun_address="10.255.0.2/32",
-        local="198.51.100.2",
-        remote="203.0.113.2",
-        local_net="10.50.0.0/16",
-        remote_net="192.168.1.0/24",
-        spi_in=up[0],
-        key_in=up[1],
-        spi_out=down[0],
-        key_out=down[1],
-        transform=TRANSFORM,
-    )
-    (tmp / "moat.toml").write_text(moat)
-    (tmp / "portal.toml").write_text(portal)
-    return tmp / "moat.toml", tmp / "portal.toml"
+UDHCPC_HOOK = """\
+#!/bin/sh
+# busybox udhcpc hook: configure the wild side, tell `moat register`
+case "$1" in
+deconfig) ip -4 addr flush dev "$interface" ;;
+bound|renew)
+    if ! ip -4 -o addr show dev "$interface" | grep -q " $ip/"; then
+        ip -4 addr flush dev "$interface"
+        ip addr add "$ip/$mask" dev "$interface"
+        ip route replace default via "${{router%% *}}" dev "$interface"
+        {register} --now >/dev/null 2>&1 &
+    fi ;;
+esac
+exit 0
+"""
 
 
-def start_tunnel(host: Host, config: Path, tmp: Path) -> subprocess.Popen[bytes]:
-    log = open(tmp / f"{config.stem}.log", "wb")  # noqa: SIM115
-    proc = host.popen(
-        sys.executable, "-m", "moat", "tunnel", "--config", str(config),
+def start_portal(h: dict[str, Host], tmp: Path) -> tuple[PortalSite, Path]:
+    site = PortalSite(
+        h["portal"], "198.51.100.2", networks=("10.50.0.0/16",),
+        pool="192.168.0.0/16", prefix=24,
+    )  # fmt: skip
+    bundle = site.add("home", "--subnet", "192.168.1.0/24")
+    log = open(tmp / "portal.log", "wb")  # noqa: SIM115
+    proc = h["portal"].popen(
+        sys.executable, "-m", "moat", "portal", "--db", str(site.db), "run",
         stdout=log, stderr=subprocess.STDOUT, env=ENV,
     )  # fmt: skip
-    sock = tmp / f"{config.stem}.sock"
-    wait_for(lambda: sock.exists() or proc.poll() is not None, timeout=30)
+    wait_for(lambda: site.control.exists() or proc.poll() is not None, timeout=60)
     if proc.poll() is not None:
-        raise SystemExit(
-            f"moat tunnel failed:\n{(tmp / (config.stem + '.log')).read_text()}"
-        )
-    return proc
+        raise SystemExit(f"moat portal run failed:\n{(tmp / 'portal.log').read_text()}")
+    return site, bundle
+
+
+def start_moat(h: dict[str, Host], tmp: Path, bundle: Path) -> None:
+    register = [sys.executable, "-m", "moat", "register", "--config",
+                str(bundle / "moat.toml")]  # fmt: skip
+    h["internet"].popen(
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+        "--interface=isp0", "--bind-interfaces",
+        f"--dhcp-leasefile={tmp / 'leases'}", f"--pid-file={tmp / 'dnsmasq.pid'}",
+        "--dhcp-range=203.0.113.10,203.0.113.50,255.255.255.0,1h",
+        "--dhcp-option=3,203.0.113.1",
+    )  # fmt: skip
+    hook = tmp / "udhcpc-hook"
+    hook.write_text(UDHCPC_HOOK.format(register=" ".join(register)))
+    hook.chmod(0o755)
+    h["moat"].popen("busybox", "udhcpc", "-f", "-i", "wan0", "-s", str(hook),
+                    "-t", "20", "-T", "1", "-A", "1")  # fmt: skip
+    wait_for(lambda: " 203.0.113." in show_quiet(h["moat"]), timeout=60)
+    log = open(tmp / "moat.log", "wb")  # noqa: SIM115
+    h["moat"].popen(*register, "--daemon", stdout=log, stderr=subprocess.STDOUT,
+                    env=ENV)  # fmt: skip
+    sock = bundle / "tunnel.sock"
+    wait_for(lambda: sock.exists(), timeout=120)
+
+
+def show_quiet(host: Host) -> str:
+    return host.run("ip", "-4", "-o", "addr", "show", "dev", "wan0").stdout
 
 
 def status(host: Host, control: Path) -> None:
-    show(
-        host,
-        sys.executable,
-        "-m",
-        "moat",
-        "tunnel",
-        "--status",
-        "--control",
-        str(control),
-    )
+    show(host, sys.executable, "-m", "moat", "tunnel", "--status", "--control",
+         str(control))  # fmt: skip
 
 
 def main() -> int:
@@ -194,56 +167,62 @@ def main() -> int:
         h = build_network(lab)
         print(__doc__.split("\n\n")[1])
 
-        step("generating fresh keys and the two tunnel configurations")
-        moat_cfg, portal_cfg = write_configs(tmp)
-        print(moat_cfg.read_text().split("[sa.in]")[0].rstrip())
-        print("[sa.in] / [sa.out]: SPIs and AES-GCM-128 keys, random for this run")
-
-        step("bringing the tunnel up (moat tunnel on the moat and on the portal)")
-        start_tunnel(h["portal"], portal_cfg, tmp)
-        start_tunnel(h["moat"], moat_cfg, tmp)
-        show(h["moat"], "ip", "-br", "addr", "show", "moat0")
-
-        step("the LAN client pings the corporate host through the tunnel")
-        show(h["lan"], "ping", "-c", "3", "-i", "0.3", "10.50.0.10")
-
-        step("the LAN client downloads 20 MB from a web server on the corporate host")
-        www = tmp / "www"
-        www.mkdir()
-        data = os.urandom(DOWNLOAD_BYTES)
-        (www / "report.bin").write_bytes(data)
-        server = h["corp"].popen(
-            "python3", "-m", "http.server", "8080", "--bind", "10.50.0.10",
-            "--directory", str(www),
-        )  # fmt: skip
-        fetch = tmp / "fetch.py"
-        fetch.write_text(FETCH)
-        out = show(h["lan"], "python3", str(fetch))
-        want = hashlib.sha256(data).hexdigest()
-        ok = f"sha256 {want}" in out
-        print(
-            f"checksum matches the file on the corporate host: {'yes' if ok else 'NO'}"
-        )
-        os.killpg(server.pid, signal.SIGTERM)
-
-        step("what the internet router sees: only ESP in UDP/4500 between the two ends")
-        dump = h["internet"].popen(
-            "tcpdump", "-i", "isp0", "-n", "-c", "4", "-l", stdout=subprocess.PIPE
-        )
-        time.sleep(1)
-        h["lan"].run("ping", "-c", "2", "-i", "0.2", "10.50.0.10")
+        step("the portal: database, sshd (keys from the database), daemon")
+        site, bundle = start_portal(h, tmp)
         try:
-            print(dump.communicate(timeout=10)[0].decode().rstrip())
-        except subprocess.TimeoutExpired:
-            os.killpg(dump.pid, signal.SIGTERM)
+            print(site.moat("list").rstrip())
+            print(f"files for the moat: {sorted(p.name for p in bundle.iterdir())}")
 
-        step("tunnel counters: moat end")
-        status(h["moat"], tmp / "moat.sock")
-        step("tunnel counters: portal end")
-        status(h["portal"], tmp / "portal.sock")
+            step("the moat: address from the ISP (DHCP), registration over ssh")
+            t0 = time.monotonic()
+            start_moat(h, tmp, bundle)
+            show(h["moat"], "ip", "-br", "addr", "show", "wan0")
+            print(f"registered and tunnel up after {time.monotonic() - t0:.1f}s")
+            print(site.moat("show", "home").rstrip())
+            return run_traffic(h, tmp, site, bundle)
+        finally:
+            site.close()
 
-        step("cleaning up (namespaces deleted)")
-        return 0 if ok else 1
+
+def run_traffic(h: dict[str, Host], tmp: Path, site: PortalSite, bundle: Path) -> int:
+    step("the LAN client pings the corporate host through the tunnel")
+    show(h["lan"], "ping", "-c", "3", "-i", "0.3", "10.50.0.10")
+
+    step("the LAN client downloads 20 MB from a web server on the corporate host")
+    www = tmp / "www"
+    www.mkdir()
+    data = os.urandom(DOWNLOAD_BYTES)
+    (www / "report.bin").write_bytes(data)
+    server = h["corp"].popen(
+        "python3", "-m", "http.server", "8080", "--bind", "10.50.0.10",
+        "--directory", str(www),
+    )  # fmt: skip
+    fetch = tmp / "fetch.py"
+    fetch.write_text(FETCH)
+    out = show(h["lan"], "python3", str(fetch))
+    want = hashlib.sha256(data).hexdigest()
+    ok = f"sha256 {want}" in out
+    print(f"checksum matches the file on the corporate host: {'yes' if ok else 'NO'}")
+    os.killpg(server.pid, signal.SIGTERM)
+
+    step("what the internet router sees: only ESP in UDP/4500 between the two ends")
+    dump = h["internet"].popen(
+        "tcpdump", "-i", "isp0", "-n", "-c", "4", "-l", stdout=subprocess.PIPE
+    )
+    time.sleep(1)
+    h["lan"].run("ping", "-c", "2", "-i", "0.2", "10.50.0.10")
+    try:
+        print(dump.communicate(timeout=10)[0].decode().rstrip())
+    except subprocess.TimeoutExpired:
+        os.killpg(dump.pid, signal.SIGTERM)
+
+    step("tunnel counters: moat end")
+    status(h["moat"], bundle / "tunnel.sock")
+    step("the portal's view")
+    print(site.moat("status").rstrip())
+
+    step("cleaning up (namespaces deleted)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
