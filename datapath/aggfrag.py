@@ -560,7 +560,10 @@ class Reassembler:
         have = len(partial.buf)
         try:
             # a runt learns its length from the first continuation bytes
-            total = inner_length(partial.buf + lead.data[:IPV6_LENGTH_END])
+            head = bytes(partial.buf[:IPV6_LENGTH_END])
+            if len(head) < IPV6_LENGTH_END:
+                head += lead.data[: IPV6_LENGTH_END - len(head)]
+            total = inner_length(head)
         except AggfragError:
             self._drop(Drop.BAD_BLOCK_TYPE)
             return False
