@@ -226,7 +226,10 @@ def test_end_to_end(world: tuple[World, PortalSite], tmp_path: Path) -> None:
                  "--directory", str(tmp_path / "www"))  # fmt: skip
     wait_for(lambda: "8080" in w.corp.run("ss", "-ltn").stdout, timeout=20)
     got = tmp_path / "got"
-    w.client.run("curl", "-sf", "-o", str(got), f"http://{CORP}:8080/blob", timeout=60)
+    fetch = (
+        f"import urllib.request as u; u.urlretrieve('http://{CORP}:8080/blob', '{got}')"
+    )
+    w.client.run(sys.executable, "-c", fetch, timeout=120)
     assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(blob).digest()
 
     status = portal_status(site)
