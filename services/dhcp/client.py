@@ -323,6 +323,9 @@ class DhcpClient:
         self.state, self.attempts = ClientState.REQUESTING, 0
         return self._request_selected(now)
 
+    # TODO: the offered address is not ARP-probed before use (RFC 2131 §4.4.1
+    # SHOULD, DECLINE on conflict), and a restarted client starts in INIT, not
+    # INIT-REBOOT with its last address (nothing is stored across restarts)
     def _on_ack(self, msg: DhcpMessage, now: float) -> list[Action]:
         if self.state == ClientState.REQUESTING:
             assert self.offer is not None

@@ -145,6 +145,8 @@ class DhcpServer:
         address = self.leases.choose_address(key, mac, requested, now)
         if address is None:
             return self._drop("no_address", "no address for %s", mac)
+        # TODO: no ICMP echo probe of the address before offering it (RFC 2131
+        # §4.3.1 SHOULD); conflicts are found only by the client's DECLINE
         self.leases.hold_offer(address, key, now)
         log.debug("OFFER %s to %s", address, mac)
         return self._reply(msg, DhcpMessageType.OFFER, address, lease=True)
