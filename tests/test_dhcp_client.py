@@ -158,6 +158,15 @@ def test_nak_restarts(tmp_path: Path) -> None:
     assert decode(again[0].data).message_type == DhcpMessageType.DISCOVER
 
 
+def test_previous_address_requested(tmp_path: Path) -> None:
+    cli = DhcpClient(MAC, random.Random(3), previous_address=IPv4Address("10.99.0.105"))
+    discover = decode(transmits(cli.start(0.0))[0].data)
+    assert discover.ip(DhcpOption.REQUESTED_IP_ADDRESS) == IPv4Address("10.99.0.105")
+    srv = server(tmp_path)
+    cli = DhcpClient(MAC, random.Random(3), previous_address=IPv4Address("10.99.0.105"))
+    assert bind(cli, srv).lease.address == IPv4Address("10.99.0.105")
+
+
 def test_discover_backoff() -> None:
     cli = client()
     cli.start(0.0)

@@ -154,6 +154,14 @@ def test_three_real_clients(
     )
     assert last(tmp_path, "u", "renew") == renew_u
     assert {lease["address"] for lease in leases(tmp_path)} >= addrs
+    # a newcomer after the restart gets none of the remembered addresses
+    hosts["g"].ip("addr", "flush", "dev", "eth0")
+    hosts["g"].run(
+        "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "2",
+        "-s", str(hook(tmp_path, "g", UDHCPC_HOOK)), timeout=30,
+    )  # fmt: skip
+    newcomer = last(tmp_path, "g", "bound")
+    assert newcomer is not None and newcomer[1] not in addrs
 
     # release: udhcpc on SIGTERM with -R, dhclient -r, dhcpcd -k
     udhcpc.send_signal(signal.SIGTERM)

@@ -52,12 +52,13 @@ def test_client_follows_isp(lab: Lab, tmp_path: Path) -> None:
     hook.chmod(0o755)
     log = tmp_path / "dhcpc.log"
     out = log.open("ab")
-    client = moat.popen(
+    argv = [
         sys.executable, "-m", "moat", "dhcpc", "-vv", "--interface", "wild0",
         "--hook", f"{hook}", "--hostname", "moat1", "--min-rebind-wait", "1",
         "--status-file", str(tmp_path / "dhcpc.status.json"),
-        cwd=REPO, stdout=out, stderr=out,
-    )  # fmt: skip
+        "--state-file", str(tmp_path / "dhcpc.state.json"),
+    ]  # fmt: skip
+    client = moat.popen(*argv, cwd=REPO, stdout=out, stderr=out)
 
     def hook_lines() -> list[list[str]]:
         if not events.exists():
@@ -97,4 +98,11 @@ def test_client_follows_isp(lab: Lab, tmp_path: Path) -> None:
     client.send_signal(signal.SIGTERM)
     assert client.wait(10) == 0
     assert "dhcpc stopped" in log.read_text()
+
+    # restarted, it asks for its last address again and tells the hook
+    state = json.loads((tmp_path / "dhcpc.state.json").read_text())
+    assert state == {"address": bound[2]}
+    moat.popen(*argv, cwd=REPO, stdout=out, stderr=out)
+    wait_for(lambda: len(hook_lines()) >= 4, timeout=30)
+    assert hook_lines()[3][:3] == ["bound", bound[2], bound[2]]
     assert "Traceback" not in log.read_text()

@@ -144,8 +144,10 @@ class DhcpClient:
         hostname: str | None = None,
         client_id: bytes | None = None,
         min_rebind_wait: float = MIN_REBIND_WAIT,
+        previous_address: IPv4Address | None = None,
     ) -> None:
         self.chaddr = chaddr
+        self.previous_address = previous_address  # asked for again (option 50)
         self.rng = rng or random.Random()
         self.hostname = hostname
         self.client_id = client_id
@@ -236,8 +238,9 @@ class DhcpClient:
             self.started, self.attempts = now, 0
         self.state = ClientState.SELECTING
         msg = self._message(DhcpMessageType.DISCOVER, self.xid, now)
-        if self.lease is not None:  # ask for the old address back
-            msg.options[DhcpOption.REQUESTED_IP_ADDRESS] = self.lease.address.packed
+        wanted = self.lease.address if self.lease else self.previous_address
+        if wanted is not None:  # ask for the old address back (RFC 2131 §4.4.1)
+            msg.options[DhcpOption.REQUESTED_IP_ADDRESS] = wanted.packed
         self.timer = now + self._backoff()
         self.attempts += 1
         self.counters["tx_discover"] += 1
@@ -324,8 +327,8 @@ class DhcpClient:
         return self._request_selected(now)
 
     # TODO: the offered address is not ARP-probed before use (RFC 2131 §4.4.1
-    # SHOULD, DECLINE on conflict), and a restarted client starts in INIT, not
-    # INIT-REBOOT with its last address (nothing is stored across restarts)
+    # SHOULD, DECLINE on conflict); a restarted client asks for its last
+    # address in a DISCOVER rather than going through INIT-REBOOT
     def _on_ack(self, msg: DhcpMessage, now: float) -> list[Action]:
         if self.state == ClientState.REQUESTING:
             assert self.offer is not None
@@ -335,6 +338,7 @@ class DhcpClient:
         if lease is None:
             return []
         old, self.lease = self.lease, lease
+        self.previous_address = lease.address
         self.state, self.attempts, self.offer = ClientState.BOUND, 0, None
         self.timer = lease.t1
         self.counters["rx_ack"] += 1
@@ -356,6 +360,8 @@ class DhcpClient:
             actions.append(Deconfigure(self.lease, reason))
             log.warning("lost lease of %s (%s)", self.lease.address, reason)
         self.lease, self.offer = None, None
+        if reason == "nak":
+            self.previous_address = None  # the server said it is not ours
         self.state = ClientState.INIT
         if delay:
             self.timer = now + delay

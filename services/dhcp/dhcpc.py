@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import selectors
@@ -39,6 +40,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from types import FrameType
 
+from moat.durable import atomic_write
 from moat.errors import MoatError
 from services.dhcp import udpip
 from services.dhcp.client import (
@@ -112,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--status", action="store_true", help="print the running client's status"
     )
     parser.add_argument(
+        "--state-file",
+        type=Path,
+        metavar="PATH",
+        help="remember the last address here (asked for again after a restart)",
+    )
+    parser.add_argument(
         "--min-rebind-wait",
         type=float,
         default=60.0,
@@ -127,18 +135,22 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         return print_status(status_file)
     mac = interface_mac(args.interface)
+    previous = load_state(args.state_file)
     client = DhcpClient(
         mac,
         hostname=args.hostname,
         client_id=b"\x01" + mac,
         min_rebind_wait=args.min_rebind_wait,
+        previous_address=previous,
     )
     adapter = ClientAdapter(
         args.interface,
         shlex.split(args.hook) if args.hook else [],
         configure=not args.no_configure,
         status_file=status_file,
+        state_file=args.state_file,
     )
+    adapter.previous = previous
     flags: dict[str, bool] = {"stop": False, "renew": False}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -166,6 +178,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_state(path: Path | None) -> IPv4Address | None:
+    """The address stored by a previous run; None if absent or unreadable."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return IPv4Address(json.loads(path.read_text())["address"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("state file %s unreadable (%s), ignored", path, exc)
+        return None
+
+
 def interface_mac(interface: str) -> bytes:
     try:
         text = Path(f"/sys/class/net/{interface}/address").read_text().strip()
@@ -183,10 +206,16 @@ def attach_udp_filter(sock: socket.socket) -> None:
 
 class ClientAdapter:
     def __init__(
-        self, interface: str, hook: list[str], configure: bool, status_file: Path
+        self,
+        interface: str,
+        hook: list[str],
+        configure: bool,
+        status_file: Path,
+        state_file: Path | None = None,
     ) -> None:
         self.interface = interface
         self.status_file = status_file
+        self.state_file = state_file
         self.hook = hook
         self.configure = configure
         self.current: IPv4Address | None = None  # address configured now
@@ -337,8 +366,18 @@ class ClientAdapter:
             if lease.routers:
                 self._ip("route", "replace", "default", "via", str(lease.routers[0]))
         if lease.address != self.current:
+            self.save_state(lease.address)
             self.run_hook("bound", lease)
             self.current = self.previous = lease.address
+
+    def save_state(self, address: IPv4Address) -> None:
+        if self.state_file is None:
+            return
+        data = json.dumps({"address": str(address)}).encode() + b"\n"
+        try:
+            atomic_write(self.state_file, data)
+        except OSError as exc:
+            log.error("cannot write state file %s: %s", self.state_file, exc)
 
     def remove(self, lease: ClientLease, reason: str) -> None:
         if self.configure:
