@@ -456,24 +456,3 @@ def test_watch_installs_from_served_repository(world: World, served_repo: str) -
         rounds=1,
     )
     assert sleeps[-1] <= 5.5
-
-
-def test_image_files_for_the_builder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import json
-
-    import ota.image
-
-    monkeypatch.setattr(ota.image, "TEST_REPO", tmp_path / "ota-test")
-    lib = tmp_path / "usr/lib/moat"
-    ota.image.ota_files(lib, "2.0.1")
-    cfg = json.loads((lib / "ota.json").read_text())
-    assert (cfg["product"], cfg["board"], cfg["version"]) == (
-        "moat",
-        "pc-x86_64",
-        "2.0.1",
-    )
-    root = Metadata[Root].from_file(str(lib / "ota/root.json"))
-    assert root.signed.version == 1
-    assert (tmp_path / "ota-test/root-keys").is_dir()
