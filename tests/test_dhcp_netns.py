@@ -216,3 +216,18 @@ def test_config_error_names_field(tmp_path: Path, moat_cmd: list[str]) -> None:
     )
     assert res.returncode == 2
     assert "dhcpd.pool_end" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_interface_is_a_clear_error(
+    tmp_path: Path, moat_cmd: list[str]
+) -> None:
+    config = dhcpd_config(tmp_path, interface="nosuchif0")
+    res = subprocess.run(
+        [*moat_cmd, "dhcpd", "--config", str(config)], capture_output=True, text=True
+    )
+    assert res.returncode == 1
+    assert "cannot serve on nosuchif0" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(
+        [*moat_cmd, "dhcpc", "--interface", "nosuchif0"], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr

@@ -143,13 +143,16 @@ def run(args: argparse.Namespace) -> int:
         min_rebind_wait=args.min_rebind_wait,
         previous_address=previous,
     )
-    adapter = ClientAdapter(
-        args.interface,
-        shlex.split(args.hook) if args.hook else [],
-        configure=not args.no_configure,
-        status_file=status_file,
-        state_file=args.state_file,
-    )
+    try:
+        adapter = ClientAdapter(
+            args.interface,
+            shlex.split(args.hook) if args.hook else [],
+            configure=not args.no_configure,
+            status_file=status_file,
+            state_file=args.state_file,
+        )
+    except OSError as exc:
+        raise MoatError(f"cannot open sockets on {args.interface}: {exc}") from exc
     adapter.previous = previous
     flags: dict[str, bool] = {"stop": False, "renew": False}
 

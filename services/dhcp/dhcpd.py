@@ -22,6 +22,7 @@ from fcntl import ioctl
 from ipaddress import IPv4Address
 from types import FrameType
 
+from moat.errors import MoatError
 from services.dhcp import config as dhcp_config
 from services.dhcp.server import (
     LIMITED_BROADCAST,
@@ -57,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         return print_status(config.status_file)
     server = build(config)
+    try:
+        config.lease_file.parent.mkdir(parents=True, exist_ok=True)
+        sock = open_socket(config.interface)
+    except OSError as exc:
+        raise MoatError(f"cannot serve on {config.interface}: {exc}") from exc
     server.leases.load(time.time())
-    sock = open_socket(config.interface)
     log.info(
         "dhcpd serving %s-%s on %s as %s",
         config.pool_start,
