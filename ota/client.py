@@ -319,7 +319,13 @@ class Installer:
 
     def _bootstrap_root(self) -> bytes | None:
         """The shipped root unless the cache already trusts a newer one."""
-        shipped = self.config.trusted_root.read_bytes()
+        try:
+            shipped = self.config.trusted_root.read_bytes()
+        except OSError as exc:
+            raise OtaRefused(
+                f"no trusted TUF root at {self.config.trusted_root} ({exc.strerror}): "
+                "this image was built without one (MOAT_OTA_ROOT)"
+            ) from exc
         try:
             cached = (self.metadata_dir / "root.json").read_bytes()
             cached_v = Metadata[Root].from_bytes(cached).signed.version

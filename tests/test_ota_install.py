@@ -456,3 +456,10 @@ def test_watch_installs_from_served_repository(world: World, served_repo: str) -
         rounds=1,
     )
     assert sleeps[-1] <= 5.5
+
+
+def test_missing_trusted_root_is_a_clear_refusal(world: World) -> None:
+    bundle, _ = world.publish("1.1.0")
+    (world.box / "root.json").unlink()
+    with pytest.raises(OtaRefused, match="no trusted TUF root"):
+        world.install(bundle)
