@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -464,3 +465,21 @@ def test_zone_clock_ignores_a_clock_behind_the_stored_copy(tmp_path: Path) -> No
     slot = server.slots[0]
     assert server.now() >= future and slot.data is not None
     assert slot.secondary.serving(server.now()) is Serving.FRESH
+
+
+def test_config_errors_are_one_line(tmp_path: Path, moat_cmd: list[str]) -> None:
+    cases = {
+        "listen = 5\n": "listen: must be list",
+        'listen = ["10.0.0.300"]\n': "not an IP address",
+        'listen = ["10.0.0.1"]\n[[zone]]\nname = "c"\n': "primaries: missing",
+        'listen = ["10.0.0.1"]\n[[zone]]\nname = "c"\nprimaries = ["10.0.0.2"]\n'
+        'tsig_name = "k"\ntsig_secret = "!!"\n': "tsig_secret",
+    }
+    for text, message in cases.items():
+        cfg = tmp_path / "dns.toml"
+        cfg.write_text(text)
+        res = subprocess.run(
+            [*moat_cmd, "dns", "--config", str(cfg)], capture_output=True, text=True
+        )
+        assert res.returncode == 2 and message in res.stderr, (text, res.stderr)
+        assert "Traceback" not in res.stderr

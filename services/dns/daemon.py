@@ -25,6 +25,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.xfr
 
+from moat.errors import MoatError
 from services.dns import config as dnsconfig
 from services.dns import zone as zonedata
 from services.dns.cache import Cache
@@ -107,14 +108,19 @@ class DnsServer:
         transports = []
         servers = []
         for address in self.cfg.listen:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: Datagrams(self._on_datagram),
-                local_addr=(address, self.cfg.port),
-            )
-            transports.append(transport)
-            servers.append(
-                await asyncio.start_server(self._tcp_client, address, self.cfg.port)
-            )
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: Datagrams(self._on_datagram),
+                    local_addr=(address, self.cfg.port),
+                )
+                transports.append(transport)
+                servers.append(
+                    await asyncio.start_server(self._tcp_client, address, self.cfg.port)
+                )
+            except OSError as exc:
+                raise MoatError(
+                    f"cannot listen on {address} port {self.cfg.port}: {exc.strerror}"
+                ) from exc
             log.info("listening on %s port %d (UDP, TCP)", address, self.cfg.port)
         for slot in self.slots:
             self.spawn(self._secondary_loop(slot))

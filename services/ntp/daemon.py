@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from moat.errors import MoatError
 from services.configfile import read_section
 from services.ntp import packet
 from services.ntp.client import NtpClient, Sample
@@ -102,10 +103,15 @@ class NtpDaemon:
         loop = asyncio.get_running_loop()
         transports: list[asyncio.DatagramTransport] = []
         for address in self.cfg.listen:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: Datagrams(self._on_request),
-                local_addr=(address, self.cfg.port),
-            )
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: Datagrams(self._on_request),
+                    local_addr=(address, self.cfg.port),
+                )
+            except OSError as exc:
+                raise MoatError(
+                    f"cannot listen on {address} port {self.cfg.port}: {exc.strerror}"
+                ) from exc
             transports.append(transport)
             log.info("serving NTP on %s port %d", address, self.cfg.port)
         family = socket.AF_INET6 if ":" in self.cfg.upstream[0] else socket.AF_INET
