@@ -118,6 +118,7 @@ class ConsoleConfig:
     var_dir: Path
     status_files: dict[str, Path]
     log_file: Path
+    service_log_dir: Path
 
     @classmethod
     def from_ota(cls, ota: OtaConfig) -> ConsoleConfig:
@@ -138,14 +139,12 @@ class ConsoleConfig:
             ],
             var_dir=Path(raw.get("var_dir", "/var")),
             log_file=Path(raw.get("log_file", "/var/log/moat/console.log")),
+            service_log_dir=Path(raw.get("service_log_dir", "/var/log/moat")),
             status_files={
                 k: Path(v)
                 for k, v in raw.get(
                     "status_files",
-                    {
-                        "tunnel": "/run/moat/tunnel.status",
-                        "services": "/run/moat/services.status",
-                    },
+                    {},
                 ).items()
             },
         )
@@ -293,6 +292,10 @@ class Console:
             self.say(line)
         self.say("addresses:")
         self.run_command("addresses", timeout=10)
+        self.say(f"tunnel: {tunnel_summary()}")
+        self.say("services (last line of each log):")
+        for line in service_lines(self.cfg.service_log_dir):
+            self.say(f"  {line}")
         for name, path in self.cfg.status_files.items():
             try:
                 text = path.read_text().strip() or "(empty)"
@@ -467,6 +470,38 @@ class Console:
         finally:
             termios.tcsetattr(fd, termios.TCSANOW, old)
             self.say()
+
+
+def tunnel_summary() -> str:
+    """One line from the running tunnel's control socket."""
+    try:
+        from datapath.cli import query
+        from datapath.config import DEFAULT_CONTROL_SOCKET
+
+        status = query(DEFAULT_CONTROL_SOCKET)
+    except (ImportError, OSError, ValueError) as exc:
+        return f"not running ({exc})"
+    peers = status.get("peers", {})
+    words = [
+        f"{name} {p.get('endpoint')} rx {p.get('rx_packets', 0)} "
+        f"tx {p.get('tx_packets', 0)}"
+        for name, p in peers.items()
+    ]
+    return f"up {status.get('uptime', '?')} s; " + ("; ".join(words) or "no peers")
+
+
+def service_lines(log_dir: Path) -> list[str]:
+    """Each supervised service's name and the last line it logged."""
+    lines = []
+    for path in sorted(log_dir.glob("*.log")):
+        if path.stem in ("console", "supervisor"):
+            continue
+        try:
+            last = (path.read_text(errors="replace").strip().splitlines() or [""])[-1]
+        except OSError:
+            continue
+        lines.append(f"{path.stem}: {last[:120]}")
+    return lines or ["(no service logs)"]
 
 
 def _valid_host(host: str) -> bool:

@@ -62,12 +62,15 @@ class Box:
                         "log_files": [str(self.log)],
                         "var_dir": str(self.var),
                         "log_file": str(tmp / "console.log"),
-                        "status_files": {"tunnel": str(tmp / "tunnel.status")},
+                        "status_files": {"portal": str(tmp / "tunnel.status")},
+                        "service_log_dir": str(tmp / "svclogs"),
                     },
                 )
             )
         )
         (tmp / "tunnel.status").write_text("up, portal 198.51.100.1\n")
+        (tmp / "svclogs").mkdir()
+        (tmp / "svclogs/dhcpd.log").write_text("starting\nserving 10.0.0.0/24\n")
 
     def calls_made(self) -> list[str]:
         return self.calls.read_text().splitlines() if self.calls.exists() else []
@@ -139,7 +142,9 @@ def test_status(child: pexpect.spawn) -> None:
     child.expect("slot b: -")
     child.expect("version floor 1.0.0")
     child.expect("wild UP 192.0.2.7/24")
-    child.expect("tunnel: up, portal 198.51.100.1")
+    child.expect("tunnel: not running")
+    child.expect("dhcpd: serving 10.0.0.0/24")
+    child.expect("portal: up, portal 198.51.100.1")
     child.expect(MENU_PROMPT)
     assert "INFO" not in child.before  # log lines go to the file, not the menu
 
