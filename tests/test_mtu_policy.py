@@ -183,3 +183,22 @@ def test_aggfrag_esp_decrypts_under_scapy() -> None:
     r = aggfrag.Reassembler()
     got = [p for seq, payload in payloads for p in r.feed(seq, payload, 0.0)]
     assert got == inner
+
+
+def test_rekey_mid_stream_keeps_pieces_on_one_sa() -> None:
+    # a payload half filled on the old SA is flushed there before the switch;
+    # the receiver reassembles per inbound SA (sequence numbers restart at 1)
+    link = PolicyLink("virtual-large", path_mtu=1500)
+    link.pump(2.0)
+    before = [udp_df(700), udp_df(5000)]
+    for packet in before:
+        link.a.outbound(packet, link.now)  # the TUN queue is not empty yet
+    new = SAConfig(0x3001, "aes-gcm-128", os.urandom(20))
+    link.b.rekey("a", None, InboundSA(new, Selectors([B_NET], [A_NET])), link.now)
+    link.a.rekey("b", OutboundSA(new), None, link.now, switch_now=True)
+    after = udp_df(3000)
+    link.a.outbound(after, link.now)
+    link.pump()
+    assert link.b.tun_queue == [*before, after]
+    policy = link.b.status()["peers"]["a"]["policy"]
+    assert set(policy["reassembly"]) == {"0x1001", "0x3001"}
