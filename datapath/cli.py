@@ -294,6 +294,29 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_policy(name: str, policy: dict[str, Any]) -> list[str]:
+    def flat(d: dict[str, Any]) -> str:
+        return " ".join(f"{k}={v}" for k, v in sorted(d.items()))
+
+    if "envelope" not in policy:
+        return [f"  {name}: {flat(policy)}"]
+    search = policy.get("path_mtu", {})
+    lines = [
+        f"  {name}: envelope {policy['envelope']} bytes (path MTU "
+        f"{search.get('state', '?')}), inner MTU {policy.get('inner_mtu', '?')}"
+    ]
+    if search.get("counters"):
+        lines.append(f"    probes: {flat(search['counters'])}")
+    for spi, r in policy.get("reassembly", {}).items():
+        lines.append(
+            f"    reassembly {spi}: held {r['held_bytes']} bytes  {flat(r['counters'])}"
+        )
+    for key in ("counters", "packer", "icmp"):
+        if policy.get(key):
+            lines.append(f"    {key}: {flat(policy[key])}")
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"tunnel {status.get('tun', '?')}  up {status['uptime']} s"]
     for name, p in status["peers"].items():
@@ -326,8 +349,7 @@ def format_status(status: dict[str, Any]) -> str:
             counters = " ".join(f"{k}={v}" for k, v in sorted(p["counters"].items()))
             lines.append(f"  {counters}")
         if p.get("policy"):
-            policy = " ".join(f"{k}={v}" for k, v in sorted(p["policy"].items()))
-            lines.append(f"  {p['mtu_policy']}: {policy}")
+            lines += _format_policy(p["mtu_policy"], p["policy"])
     for title in ("counters", "socket"):
         if status.get(title):
             counters = " ".join(f"{k}={v}" for k, v in sorted(status[title].items()))
