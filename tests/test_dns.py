@@ -302,8 +302,9 @@ def test_handler_notify_needs_the_zones_tsig_key() -> None:
 
     unsigned, _ = notify(None)
     assert unsigned.notify_zone is None and h.counters["notify_unsigned"] == 1
-    forged, _ = notify(other)  # right name, wrong secret: no protocol action
+    forged, _ = notify(other)  # right name, wrong secret: NOTAUTH, no action
     assert forged.notify_zone is None
+    assert dns.message.from_wire(forged.reply or b"").rcode() == dns.rcode.NOTAUTH
     signed, mac = notify(key)
     assert signed.notify_zone == "corp.example."
     reply = dns.message.from_wire(signed.reply or b"", keyring=key, request_mac=mac)

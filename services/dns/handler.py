@@ -47,6 +47,14 @@ from services.dns.secondary import Secondary, Serving
 log = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TSIG_FAILURES = (
+    dns.tsig.BadSignature,
+    dns.tsig.BadTime,
+    dns.tsig.BadKey,
+    dns.tsig.BadAlgorithm,
+    dns.tsig.PeerError,
+    dns.message.UnknownTSIGKey,
+)
 
 DNS_HEADER_SIZE = 12
 FLAGS_OFFSET = 2
@@ -115,6 +123,8 @@ class QueryHandler:
             return self._drop("response-to-server")
         try:
             query = dns.message.from_wire(wire, keyring=self.keyring or None)
+        except TSIG_FAILURES as exc:
+            return self._notauth(wire, type(exc).__name__, tcp)
         except dns.exception.DNSException as exc:
             return self._formerr(wire, str(exc) or type(exc).__name__, tcp)
 
@@ -304,15 +314,25 @@ class QueryHandler:
         return Decision(Verdict.DROP, drop_reason=reason)
 
     def _formerr(self, wire: bytes, why: str, tcp: bool) -> Decision:
+        return self._question_only_reply(wire, dns.rcode.FORMERR, why, tcp)
+
+    def _notauth(self, wire: bytes, why: str, tcp: bool) -> Decision:
+        # RFC 8945 §5.2: a failed TSIG check is answered NOTAUTH, unsigned
+        log.warning("TSIG check failed: %s", why)
+        return self._question_only_reply(wire, dns.rcode.NOTAUTH, why, tcp)
+
+    def _question_only_reply(
+        self, wire: bytes, rcode: dns.rcode.Rcode, why: str, tcp: bool
+    ) -> Decision:
         try:
             query = dns.message.from_wire(wire, question_only=True)
         except dns.exception.DNSException:
             return self._drop("garbage")
         if not query.question:
             return self._drop("garbage")
-        self.counters["formerr"] += 1
-        log.debug("FORMERR: %s", why)
-        return self._reply(query, dns.rcode.FORMERR, tcp)
+        self.counters[dns.rcode.to_text(rcode).lower()] += 1
+        log.debug("%s: %s", dns.rcode.to_text(rcode), why)
+        return self._reply(query, rcode, tcp)
 
     def _response(self, query: dns.message.Message) -> dns.message.Message:
         response = dns.message.make_response(query, our_payload=UDP_MAX_SIZE)
