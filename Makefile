@@ -7,6 +7,7 @@ export VENV
 PYTEST_ARGS ?=
 
 .PHONY: help deps test test-fast lint format demo bench bench-esp bench-portal clean
+.PHONY: payload image boot flash test-powercut-long
 
 help:
 	@echo "make demo       build a namespace network and show the tunnel working"
@@ -16,6 +17,10 @@ help:
 	@echo "make bench      throughput benchmarks, printed as ratios"
 	@echo "make bench-portal  portal scale: start time, memory, registrations/s"
 	@echo "make bench-esp  ESP core µs per packet beside bare crypto calls"
+	@echo "make payload    freeze the moat program (PyInstaller onedir)"
+	@echo "make image      build moat-x86_64.img (firmware/, board/)"
+	@echo "make boot       boot the image under QEMU, serial console here"
+	@echo "make flash DEVICE=/dev/sdX   write the image to a disk (asks first)"
 
 deps:
 	@tools/install-deps
@@ -54,3 +59,26 @@ demo: deps
 BENCH_ESP_ARGS ?=
 bench-esp: deps
 	$(PY) tests/bench/bench_esp.py $(BENCH_ESP_ARGS)
+# --- firmware image -------------------------------------------------------
+IMAGE ?= moat-x86_64.img
+
+payload: deps
+	$(PY) -m firmware.payload
+
+image: payload
+	$(PY) -m firmware.image -o $(IMAGE)
+
+boot:
+	@test -f $(IMAGE) || $(MAKE) image
+	qemu-system-x86_64 -machine pc -m 128 -nographic \
+		-drive file=$(IMAGE),format=raw,if=virtio \
+		-nic user,model=virtio-net-pci -nic user,model=virtio-net-pci
+
+flash:
+	@test -n "$(DEVICE)" || { echo "usage: make flash DEVICE=/dev/sdX"; exit 2; }
+	@test -f $(IMAGE) || $(MAKE) image
+	$(PY) -m firmware.flash $(IMAGE) $(DEVICE)
+
+# 100 power cuts instead of the 20 `make test` does (about 30 minutes)
+test-powercut-long: deps
+	MOAT_POWERCUTS=100 $(PY) -m pytest -m qemu -k powercut tests/test_firmware_qemu.py

@@ -39,6 +39,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "ntpd": ("services.ntp.daemon", "NTP client of the portal and server for the LAN"),
     "dhcpc": ("services.dhcp.dhcpc", "DHCP client for the wild side, with a hook"),
     "firewall": ("services.firewall", "apply the wild-side nftables lockdown"),
+    "supervise": ("moat.supervisor", "start the configured services, keep them up"),
+    "var": ("moat.var", "back up and restore /var; durability workload"),
 }
 
 

@@ -1,0 +1,149 @@
+"""Drive a Moat image under QEMU (TCG) over its serial console.
+
+`Box` starts qemu-system-x86_64 headless with the serial port on stdio and
+talks to it with pexpect: wait for console lines, run shell commands when the
+image was booted with moat.shell=1, and pull the power (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pexpect
+
+from firmware import layout
+from moat import grubenv
+
+READY = "moat ready"
+PROMPT = "moat# "
+
+
+def qemu_argv(image: Path, memory_mib: int = 128, nics: int = 2) -> list[str]:
+    argv = [
+        "qemu-system-x86_64",
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-m",
+        str(memory_mib),
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-drive",
+        f"file={image},format=raw,if=virtio,cache=writeback",
+    ]
+    for _ in range(nics):
+        # user-mode NICs with no host forwards: nothing reaches the host
+        argv += ["-nic", "user,model=virtio-net-pci,restrict=on"]
+    return argv
+
+
+def boot_env_offset(image: Path) -> int:
+    """Byte offset of /boot/grub/grubenv inside the image (for in-place edits)."""
+    boot = layout.partitions()["boot"]
+    out = subprocess.run(
+        ["debugfs", "-R", "blocks /boot/grub/grubenv", f"{image}?offset={boot.offset}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    stats = subprocess.run(
+        ["debugfs", "-R", "stats", f"{image}?offset={boot.offset}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"Block size:\s+(\d+)", stats)
+    assert match, stats
+    block_size = int(match.group(1))
+    blocks = [int(b) for b in out]
+    assert blocks == list(range(blocks[0], blocks[0] + len(blocks))), blocks
+    return boot.offset + blocks[0] * block_size
+
+
+def read_env(image: Path) -> dict[str, str]:
+    with open(image, "rb") as f:
+        f.seek(boot_env_offset(image))
+        return grubenv.decode(f.read(grubenv.BLOCK_SIZE))
+
+
+def write_env(image: Path, env: dict[str, str]) -> None:
+    """Rewrite the GRUB environment in place, as GRUB's save_env does."""
+    offset = boot_env_offset(image)
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(grubenv.encode(env))
+
+
+def dev_copy(image: Path, dest: Path) -> Path:
+    """A copy of image that boots with a root shell on the console."""
+    shutil.copyfile(image, dest)
+    env = read_env(dest)
+    env["moat_cmdline"] = "moat.shell=1"
+    write_env(dest, env)
+    return dest
+
+
+class Box:
+    def __init__(self, image: Path, log: Path | None = None, memory_mib: int = 128):
+        self.image = image
+        self.started = time.monotonic()
+        argv = qemu_argv(image, memory_mib)
+        self.child = pexpect.spawn(
+            argv[0], argv[1:], encoding="utf-8", codec_errors="replace", timeout=60
+        )
+        if log is not None:
+            self.child.logfile_read = open(log, "a")  # noqa: SIM115
+        self.ready_after: float | None = None
+
+    def expect(self, pattern: str | list[str], timeout: float = 60) -> int:
+        return self.child.expect(pattern, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 90) -> float:
+        self.child.expect(READY, timeout=timeout)
+        self.ready_after = time.monotonic() - self.started
+        return self.ready_after
+
+    def shell(self, timeout: float = 30) -> None:
+        """Get the console shell's attention."""
+        self.child.sendline("")
+        self.child.expect(PROMPT, timeout=timeout)
+
+    def run(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a shell command on the console; its exit status and output."""
+        tag = uuid.uuid4().hex[:8]
+        self.child.sendline(f"{command}; echo __rc_{tag}=$?")
+        self.child.expect(rf"__rc_{tag}=(\d+)", timeout=timeout)
+        output = self.child.before or ""
+        rc = int(self.child.match.group(1))
+        # drop the echoed command line
+        lines = output.replace("\r", "").split("\n")
+        return rc, "\n".join(lines[1:]).strip()
+
+    def check(self, command: str, timeout: float = 60) -> str:
+        rc, out = self.run(command, timeout)
+        assert rc == 0, f"{command!r} exit {rc}: {out}"
+        return out
+
+    def kill(self) -> None:
+        """Pull the power: SIGKILL to QEMU, nothing gets flushed."""
+        if self.child.isalive():
+            os.kill(self.child.pid, signal.SIGKILL)
+        self.child.wait()
+
+    def close(self) -> None:
+        self.kill()
+        if self.child.logfile_read:
+            self.child.logfile_read.close()
