@@ -124,13 +124,12 @@ class Box:
     def run(self, command: str, timeout: float = 60) -> tuple[int, str]:
         """Run a shell command on the console; its exit status and output."""
         tag = uuid.uuid4().hex[:8]
-        self.child.sendline(f"{command}; echo __rc_{tag}=$?")
-        self.child.expect(rf"__rc_{tag}=(\d+)", timeout=timeout)
-        output = self.child.before or ""
-        rc = int(self.child.match.group(1))
-        # drop the echoed command line
-        lines = output.replace("\r", "").split("\n")
-        return rc, "\n".join(lines[1:]).strip()
+        # the quotes keep the echoed command line from matching the markers
+        self.child.sendline(f'echo __be""gin_{tag}; {command}; echo __e""nd_{tag}=$?')
+        self.child.expect(rf"__begin_{tag}\r*\n", timeout=timeout)
+        self.child.expect(rf"__end_{tag}=(\d+)", timeout=timeout)
+        output = (self.child.before or "").replace("\r", "")
+        return int(self.child.match.group(1)), output.strip()
 
     def check(self, command: str, timeout: float = 60) -> str:
         rc, out = self.run(command, timeout)
