@@ -79,6 +79,6 @@ flash:
 	@test -f $(IMAGE) || $(MAKE) image
 	$(PY) -m firmware.flash $(IMAGE) $(DEVICE)
 
-# 100 power cuts instead of the 20 `make test` does (about 30 minutes)
+# 100 power cuts instead of the 12 `make test` does (about an hour)
 test-powercut-long: deps
 	MOAT_POWERCUTS=100 $(PY) -m pytest -m qemu -k powercut tests/test_firmware_qemu.py

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from firmware.cpio import CpioWriter
 from firmware.layout import BOARD, REPO, SECTOR_SIZE
 from moat import __version__, grubenv, varbackup
 from moat.cli import VERBS
+from ota import bootenv
 
 BOARD_NAME = "moat-x86_64"
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
@@ -44,7 +46,8 @@ LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib")
 # unmerged Debian paths -> where they go in the image
 MERGE = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 SQUASHFS_ARGS = ["-comp", "xz", "-b", "256K", "-noappend", "-all-root"]
-INITIAL_ENV = {"moat_slot": "a", "moat_next": "", "moat_tries": "0"}
+INITIAL_ENV = {"moat_cmdline": ""}
+PRODUCT = "moat"
 
 
 class BuildError(RuntimeError):
@@ -167,6 +170,23 @@ def build_usr(merged: Path, payload: Path, slot: Path, kernel_version: str) -> N
     (slot / "usr/lib/moat-release").write_text(
         f"BOARD={BOARD_NAME}\nVERSION={__version__}\nKERNEL={kernel_version}\n"
     )
+    write_ota_json(slot / "usr/lib/moat")
+
+
+def write_ota_json(moat_dir: Path) -> None:
+    """What `moat ota` needs to know about this build; the devices come from
+    /run/moat/boot.env at run time. MOAT_OTA_ROOT: the trusted TUF root."""
+    info: dict[str, object] = {
+        "product": PRODUCT,
+        "board": BOARD_NAME,
+        "version": __version__,
+        "build_time": int(os.environ.get("SOURCE_DATE_EPOCH", time.time())),
+    }
+    root = os.environ.get("MOAT_OTA_ROOT")
+    if root:
+        (moat_dir / "ota").mkdir(exist_ok=True)
+        shutil.copy2(root, moat_dir / "ota/root.json")
+    (moat_dir / "ota.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 # --- initramfs ------------------------------------------------------------
@@ -269,6 +289,12 @@ def boot_tree(root: Path) -> None:
     (root / GRUB_PREFIX).mkdir(parents=True)
     (root / GRUB_PREFIX / "grub.cfg").write_text(cfg)
     (root / GRUB_PREFIX / "grubenv").write_bytes(grubenv.encode(INITIAL_ENV))
+    shutil.copy2(BOARD / "grub/ota.cfg", root / GRUB_PREFIX / "ota.cfg")
+    # slot a good and holding this version, b empty (ota/bootenv.py format)
+    blocks = bootenv.initial_blocks("a", __version__)
+    size = bootenv.ENVBLK_SIZE
+    (root / GRUB_PREFIX / "moatenv0").write_bytes(blocks[:size])
+    (root / GRUB_PREFIX / "moatenv1").write_bytes(blocks[size:])
 
 
 def var_tree(root: Path) -> None:

@@ -75,7 +75,6 @@ def test_packages_and_toolchain() -> None:
         "busybox-static": "BR2_PACKAGE_BUSYBOX",
         "e2fsprogs": "BR2_PACKAGE_E2FSPROGS",
         "nftables": "BR2_PACKAGE_NFTABLES",
-        "iproute2": "BR2_PACKAGE_IPROUTE2",
     }.items():
         assert deb in debian and cfg[br2] == "y"
     assert cfg["BR2_PACKAGE_MOAT_PAYLOAD"] == "y"
