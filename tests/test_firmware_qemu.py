@@ -181,7 +181,7 @@ def _ack_until(box: Box, deadline: float, acked: int) -> int:
         if left <= 0:
             return acked
         try:
-            box.child.expect(r"committed (\d+)\r?\n", timeout=left)
+            box.child.expect(r"committed (\d+)\r*\n", timeout=left)
         except pexpect.TIMEOUT:
             return acked
         acked = int(box.child.match.group(1))
@@ -209,7 +209,7 @@ def test_power_cuts(box_image: Path, tmp_path: Path, boxes: list[Box]) -> None:
         last, torn, lost = map(int, box.child.match.groups())
         assert (torn, lost) == (0, 0), f"cut {cut}: torn {torn} lost {lost}"
         assert last >= acked
-        box.child.expect(r"committed (\d+)\r?\n", timeout=120)
+        box.child.expect(r"committed (\d+)\r*\n", timeout=120)
         acked = int(box.child.match.group(1))
         acked = _ack_until(box, time.monotonic() + rng.uniform(0.0, 3.0), acked)
         box.kill()
