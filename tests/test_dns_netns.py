@@ -308,9 +308,13 @@ def test_secondary_forwarder_local_names(net: dict, moat_cmd: list[str]) -> None
     )
     assert "10.20.0.80" in dig(client, f"www.{ZONE}")
     assert "status: SERVFAIL" in dig(client, "other.example.org")  # no upstream
-    started = time.monotonic()
-    assert "status: SERVFAIL" in dig(client, "more.example.org")  # at once
-    assert time.monotonic() - started < 1.0
+    assert "status: SERVFAIL" in dig(client, "more.example.org")  # without waiting
+    status_until(
+        moat,
+        moat_cmd,
+        cfg,
+        lambda st: st["upstream"]["upstream_down_fast_fail"] == 1,
+    )
 
     # restart during the outage: the copy on disk is served at once
     proc.terminate()
@@ -414,7 +418,7 @@ def test_forwarder_ignores_spoofed_replies(
         assert "203.0.113.9" in dig(client, f"h{i}.example.net")
         seen.append(spoofer.stdout.readline().split())
     ports, ids = {p for p, _ in seen}, {q for _, q in seen}
-    assert len(ports) == 5 and len(ids) == 5, seen
+    assert len(ports) >= 4 and len(ids) >= 4, seen  # 16-bit draws may collide
 
     # garbage on UDP and TCP: counted drops or FORMERR; the server keeps answering
     client.run(sys.executable, "-c", GARBAGE_SCRIPT, MOAT_LAN)
