@@ -46,6 +46,14 @@ EXCLUDES = (
     "setuptools",
     "pip",
     "PyInstaller",
+    # interactive line editing and East Asian codecs: unused on the box
+    "readline",
+    "_codecs_cn",
+    "_codecs_hk",
+    "_codecs_iso2022",
+    "_codecs_jp",
+    "_codecs_kr",
+    "_codecs_tw",
 )
 
 
