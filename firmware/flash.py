@@ -58,9 +58,17 @@ def inspect(path: Path) -> Target:
         return Target(path, st.st_size, False, "")
     if not stat.S_ISBLK(st.st_mode):
         raise FlashRefused(f"{path} is neither a block device nor a file")
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-    return Target(path, size, True, _kernel_name(st.st_rdev))
+    name = _kernel_name(st.st_rdev)
+    try:
+        # sysfs counts 512-byte sectors whatever the device's block size
+        size = int((Path("/sys/class/block") / name / "size").read_text()) * 512
+    except (OSError, ValueError):
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+        except OSError as exc:
+            raise FlashRefused(f"{path}: {exc.strerror}") from exc
+    return Target(path, size, True, name)
 
 
 def mounted_disks(mounts: str, disk: Callable[[str], str]) -> dict[str, str]:
