@@ -90,20 +90,3 @@ def test_timeout_hook_reboots_a_trial_slot(trial_box: World) -> None:
     assert trial_box.calls.read_text() == "reboot\n"  # type: ignore[attr-defined]
     assert any("rebooting" in line for line in sup.lines)
     assert trial_box.state().trial == "b"  # GRUB counts the tries
-
-
-def test_board_config_names_the_ota_hooks() -> None:
-    """The board's moat.toml wires the supervisor to ota.supervise."""
-    import tomllib
-
-    from moat.supervisor import parse_config, resolve_hook
-
-    path = Path(__file__).resolve().parent.parent / "board/overlay/etc/moat/moat.toml"
-    cfg = parse_config(tomllib.loads(path.read_text()), str(path))
-    assert [resolve_hook(h, str(path)) for h in cfg.ready_hooks] == [
-        ota.supervise.on_ready
-    ]
-    assert [resolve_hook(h, str(path)) for h in cfg.timeout_hooks] == [
-        ota.supervise.on_timeout
-    ]
-    assert cfg.ready_timeout > 0
