@@ -4,7 +4,7 @@ power cuts, a damaged /var restored from its backup.
 The image is built once per session (make payload + make image, into
 build/test-image); tests boot copies of it with moat.shell=1 set in the GRUB
 environment, so the serial console is a shell pexpect can drive.
-MOAT_POWERCUTS sets the number of power cuts (12; `make test-powercut-long`
+MOAT_POWERCUTS sets the number of power cuts (20; `make test-powercut-long`
 runs 100). MOAT_TEST_IMAGE reuses an image already built.
 """
 
@@ -32,9 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build" / "test-image"
 IMAGE_LIMIT = 64 * 2**20
 BOOT_LIMIT = float(os.environ.get("MOAT_BOOT_LIMIT", "30"))
-# 12 in `make test` to stay inside the firmware CI budget (15 min with the
-# image build); `make test-powercut-long` runs 100
-POWERCUTS = int(os.environ.get("MOAT_POWERCUTS", "12"))
+# 20 in `make test` (about 9 min under TCG); `make test-powercut-long` runs 100
+POWERCUTS = int(os.environ.get("MOAT_POWERCUTS", "20"))
 # the console shell, init, the supervisor: nothing else runs on an idle box
 EXPECTED = {"init", "moat supervise", "sh -l"}
 
