@@ -64,22 +64,29 @@ class ControlServer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    timeout = CONTROL_TIMEOUT
+
     def serve_one(self) -> None:
+        """Accept one waiting connection and answer it; never raises OSError."""
         try:
             conn, _ = self.sock.accept()
         except BlockingIOError:
             return
         with conn:
-            conn.settimeout(CONTROL_TIMEOUT)
+            conn.settimeout(self.timeout)
             try:
-                request = conn.recv(256).decode(errors="replace").strip()
-                if request in ("", "status"):
-                    reply = json.dumps(self.status(), indent=1, sort_keys=True)
-                else:
-                    reply = json.dumps({"error": f"unknown request {request!r}"})
-                conn.sendall(reply.encode() + b"\n")
+                self.respond(conn)
             except OSError as exc:
                 log.debug("control connection failed: %s", exc)
+
+    def respond(self, conn: socket.socket) -> None:
+        """Read one request from `conn` and send the answer (subclasses: protocol)."""
+        request = conn.recv(256).decode(errors="replace").strip()
+        if request in ("", "status"):
+            reply = json.dumps(self.status(), indent=1, sort_keys=True)
+        else:
+            reply = json.dumps({"error": f"unknown request {request!r}"})
+        conn.sendall(reply.encode() + b"\n")
 
     def close(self) -> None:
         self.sock.close()

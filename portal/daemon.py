@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -390,24 +391,17 @@ class PortalControl(ControlServer):
         super().__init__(path, portal.status)
         self.portal = portal
 
-    def serve_one(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
-            try:
-                data = b""
-                while b"\n" not in data and len(data) < MAX_LINE:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                answer = handle(self.portal, data.split(b"\n", 1)[0])
-                conn.sendall(json.dumps(answer).encode() + b"\n")
-            except OSError as exc:
-                log.debug("control connection failed: %s", exc)
+    timeout = CLIENT_TIMEOUT
+
+    def respond(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\n" not in data and len(data) < MAX_LINE:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        answer = handle(self.portal, data.split(b"\n", 1)[0])
+        conn.sendall(json.dumps(answer).encode() + b"\n")
 
 
 def handle(portal: Portal, line: bytes) -> dict[str, Any]:
