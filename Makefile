@@ -81,4 +81,4 @@ flash:
 
 # 100 power cuts instead of the 12 `make test` does (about an hour)
 test-powercut-long: deps
-	MOAT_POWERCUTS=100 $(PY) -m pytest -m qemu -k powercut tests/test_firmware_qemu.py
+	MOAT_POWERCUTS=100 $(PY) -m pytest -m qemu -k power_cuts tests/test_firmware_qemu.py
