@@ -25,6 +25,7 @@ without an entry has sent fewer than half a block, so it starts at one block.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -177,10 +178,22 @@ class Portal:
 
     def load(self, now: float) -> None:
         start = time.monotonic()
-        snap = self.db.load_all()
-        self.problems = dict(snap.problems)
-        for rec in snap.records.values():
-            self._track(rec)
+
+        # the table is a few long-lived objects per moat; the cyclic collector
+        # would rescan all of them at every full pass while they are built (most
+        # of a 100,000-moat start) and later (pauses in the datapath), so build
+        # them with it paused, then move them out of its sight
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            snap = self.db.load_all()
+            self.problems = dict(snap.problems)
+            for rec in snap.records.values():
+                self._track(rec)
+        finally:
+            if collecting:
+                gc.enable()
+        gc.freeze()
         self.load_seconds = time.monotonic() - start
 
     def _track(self, rec: MoatRecord) -> None:
