@@ -7,6 +7,10 @@
 SIGHUP re-reads the file and applies new SAs make-before-break (the TUN
 device, routes and sockets stay); a file that no longer parses is reported
 and ignored.
+
+With `tunnel.state_dir` set, a restart with the same keys neither reuses an
+outbound sequence number (datapath/seqstore.py) nor accepts again a packet
+received before it (inbound replay marks, datapath/replaymarks.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from datapath import config as tunnel_config
@@ -23,6 +28,7 @@ from datapath.config import SASpec, TunnelConfig
 from datapath.esp import EspError, InboundSA, OutboundSA, SAConfig
 from datapath.loop import ControlServer, EventLoop, query
 from datapath.outer import OuterSocket, RawEspSocket, UdpSocket
+from datapath.replaymarks import ReplayMarks
 from datapath.selector import Selectors
 from datapath.seqstore import SequenceStore
 from datapath.tun import MAX_PACKET, Tun
@@ -30,6 +36,8 @@ from datapath.tunnel import Datapath, Peer, mtu_policy_factory
 from moat.errors import ConfigError, MoatError
 
 log = logging.getLogger(__name__)
+
+REPLAY_FILE = "replay.json"  # in tunnel.state_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +151,9 @@ class Tunnel:
         self.dp = Datapath(rekey_grace=cfg.rekey_grace)
         self.sock: OuterSocket | None = None
         self.seqs = SequenceStore(cfg.state_dir) if cfg.state_dir else None
+        self.marks = (
+            ReplayMarks(Path(cfg.state_dir) / REPLAY_FILE) if cfg.state_dir else None
+        )
 
     def run(self) -> int:
         cfg = self.cfg
@@ -164,8 +175,11 @@ class Tunnel:
             else:
                 log.warning(
                     "no tunnel.state_dir: after a restart, use new keys "
-                    "(the same key would repeat sequence numbers and nonces)"
+                    "(the same key would repeat sequence numbers and nonces, "
+                    "and packets received before it could be replayed)"
                 )
+            if self.marks is not None:
+                self.marks.restore(self.peer.in_sa)
             self.dp.add_peer(self.peer, time.monotonic())
             control = ControlServer(cfg.control_socket, self.status)
             loop = EventLoop(
@@ -186,6 +200,8 @@ class Tunnel:
                 mtu,
             )
             loop.run()
+            if self.marks is not None:
+                self.marks.save(self._receiving(), time.monotonic(), clean=True)
             log.info("tunnel down")
             return 0
         finally:
@@ -215,12 +231,16 @@ class Tunnel:
         return status
 
     def tick(self, now: float) -> None:
-        """About once a second: keep sequence reservations ahead."""
-        del now
+        """About once a second: sequence reservations ahead, replay marks saved."""
         if self.seqs is not None:
             for sa in (self.peer.out_sa, self.peer.pending_out):
                 if sa is not None:
                     self.seqs.poll(sa)
+        if self.marks is not None and self.marks.due(self._receiving(), now):
+            self.marks.save(self._receiving(), now)
+
+    def _receiving(self) -> list[InboundSA]:
+        return [entry.sa for entry in self.dp.spis.values()]
 
     def reload(self) -> None:
         """SIGHUP: apply a changed file without dropping the tunnel."""
@@ -231,6 +251,8 @@ class Tunnel:
             out_sa, in_sa = build_sas(new)
             if self.seqs is not None and new.sa_out != self.cfg.sa_out:
                 self.seqs.attach(out_sa)
+            if self.marks is not None:
+                self.marks.restore(in_sa)
         except MoatError as exc:
             log.error("reload failed, keeping the running SAs: %s", exc)
             return

@@ -8,7 +8,7 @@
                                   # (AGGFRAG), clamp-mss, classic (ICMP) or plain
     rekey_grace = 30              # seconds an old inbound SA is kept after a reload
     control_socket = "/run/moat/tunnel.sock"
-    state_dir = "/var/lib/moat/tunnel"   # outbound sequence high-water marks
+    state_dir = "/var/lib/moat/tunnel"   # sequence and replay high-water marks
 
     [tun]
     name = "moat0"

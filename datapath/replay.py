@@ -33,6 +33,7 @@ BIT_MASK = WORD_BITS - 1
 SEQ_LO_BITS = 32
 SEQ_LO_MASK = (1 << SEQ_LO_BITS) - 1
 SEQ_HI_MAX = SEQ_LO_MASK
+ALL_SEEN = (1 << WORD_BITS) - 1
 MAX_WINDOW_SIZE = 1 << 16  # FIXME: arbitrary bound; memory is size/8 bytes
 
 # check() results other than a sequence number (which is always >= 1)
@@ -68,6 +69,21 @@ class ReplayWindow:
         self._words = [0] * len(self._words)
         self.top = top
         self._set_seen(top)
+
+    def restore(self, top: int) -> None:
+        """Restart the window after a restart: every number <= `top` is seen.
+
+        Unlike `reset`, which only marks `top` itself, nothing at or below
+        `top` is accepted afterwards, so packets received before a restart
+        (whose bits were lost) cannot be replayed once. Bits above `top` in
+        its word stay clear (the ring invariant `update` relies on).
+        """
+        self.top = top
+        words = self._words
+        for i in range(len(words)):
+            words[i] = ALL_SEEN
+        top_word = (top >> WORD_SHIFT) & self._ring_mask
+        words[top_word] = ALL_SEEN >> (BIT_MASK - (top & BIT_MASK))
 
     def _set_seen(self, seq: int) -> None:
         self._words[(seq >> WORD_SHIFT) & self._ring_mask] |= 1 << (seq & BIT_MASK)

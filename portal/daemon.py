@@ -21,6 +21,16 @@ with the same key and sequence number. The daemon reserves outbound
 sequence numbers in blocks (DB/.sequence.json, written when a moat has used
 half of its block) and starts a restored SA after its reserved block; an SA
 without an entry has sent fewer than half a block, so it starts at one block.
+Inbound, each SA's replay window restarts at its saved high-water mark
+(DB/.replay.json, datapath/replaymarks.py), so packets a moat sent before
+the restart cannot be replayed after it.
+
+Peers are built lazily and retired again: an unknown SPI of a registered
+moat builds a probe inbound SA (bounded cache, rate-limited), and the peer
+is built only once a packet passes the probe's ICV, so unauthenticated
+packets build nothing lasting. A peer without traffic for `peer_idle`
+seconds is removed; its replay marks and outbound sequence number stay, and
+its next packet builds it again.
 """
 
 from __future__ import annotations
@@ -31,14 +41,16 @@ import logging
 import socket
 import subprocess
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from datapath.esp import EspError, InboundSA, OutboundSA, SAConfig
+from datapath.esp import Drop, EspError, InboundSA, OutboundSA, SAConfig
 from datapath.loop import ControlServer, EventLoop
 from datapath.outer import Address, OuterSocket, RawEspSocket, UdpSocket
+from datapath.replaymarks import ReplayMarks, mark_key_for
 from datapath.selector import Selectors
 from datapath.tun import MAX_PACKET, Tun
 from datapath.tunnel import Datapath, Peer, esp_space
@@ -60,6 +72,10 @@ log = logging.getLogger(__name__)
 
 SEQUENCE_BLOCK = 1 << 24  # outbound sequence numbers reserved at a time
 SEQUENCE_FILE = ".sequence.json"
+REPLAY_FILE = ".replay.json"
+PROBE_CACHE = 1024  # probe inbound SAs kept for SPIs without a peer
+PROBES_PER_TICK = 256  # probe SAs built per tick (~1 s) at most
+RETIRE_CHECK = 5.0  # seconds between scans for idle peers
 REKEY_GRACE = 10.0
 CLIENT_TIMEOUT = 2.0
 DEFAULT_TUN = "portal0"
@@ -83,6 +99,11 @@ def _inbound(sa: SaPair, rec: MoatRecord, networks: list[IPv4Network]) -> Inboun
     return InboundSA(cfg, Selectors(networks, [rec.subnet]))
 
 
+def _mark_keys(*pairs: SaPair | None) -> list[str]:
+    """Replay-mark names of the inbound (to the portal) SAs of `pairs`."""
+    return [mark_key_for(p.spi_to_portal, p.key_to_portal) for p in pairs if p]
+
+
 def _outbound(sa: SaPair) -> OutboundSA:
     return OutboundSA(
         SAConfig(spi=sa.spi_to_moat, transform=sa.transform, key=sa.key_to_moat)
@@ -100,7 +121,7 @@ class LazyDatapath(Datapath):
 
     def __init__(
         self,
-        miss_spi: Callable[[int, float], None],
+        miss_spi: Callable[[int, bytes, float], None],
         miss_address: Callable[[bytes, float], None],
         **kw: Any,
     ) -> None:
@@ -112,7 +133,7 @@ class LazyDatapath(Datapath):
         if len(esp) >= ESP_SPI_SIZE:
             spi = int.from_bytes(esp[:ESP_SPI_SIZE], "big")
             if spi not in self.spis:
-                self._miss_spi(spi, now)
+                self._miss_spi(spi, esp, now)
         super().inbound(esp, src, now)
 
     def outbound(self, packet: bytes, now: float) -> None:
@@ -167,11 +188,21 @@ class Portal:
         self.problems: dict[str, str] = {}
         self.counters: dict[str, int] = {
             "reloads": 0, "added": 0, "removed": 0, "rekeyed": 0, "failed": 0,
-            "roamed": 0, "activated": 0,
+            "roamed": 0, "activated": 0, "retired": 0, "probes_built": 0,
+            "probe_drops": 0, "probe_rate_limited": 0,
         }  # fmt: skip
         self.sequence_path = db.root / SEQUENCE_FILE
         self.reserved: dict[str, list[int]] = self._read_reserved()
         self._reserved_dirty = False
+        self.marks = ReplayMarks(db.root / REPLAY_FILE)
+        # SPI -> inbound SA that checks a moat's packets before its peer exists
+        self.probes: OrderedDict[int, InboundSA] = OrderedDict()
+        self.probe_budget = PROBES_PER_TICK
+        # retired peers: moat id -> (outbound SPI, last sequence number used)
+        self.retired_out: dict[str, tuple[int, int]] = {}
+        # moat id -> (tx_bytes, rx_packets) at the last scan, and when they moved
+        self.activity: dict[str, tuple[int, int, float]] = {}
+        self.next_retire_check = 0.0
         self.load_seconds = 0.0
 
     # --- loading ---------------------------------------------------------------
@@ -216,10 +247,53 @@ class Portal:
             self.counters["activated"] += 1
         return state.up
 
-    def _activate_spi(self, spi: int, now: float) -> None:
+    def _activate_spi(self, spi: int, esp: bytes, now: float) -> None:
+        """An ESP packet for a registered moat without a peer: build the peer
+        only if the packet passes the ICV (and replay check) of a probe SA."""
         moat_id = self.by_number.get(spi >> (SPI_GENERATION_BITS + 1))
-        if moat_id is not None:
-            self.activate(moat_id, now)
+        if moat_id is None:
+            return
+        state = self.moats[moat_id]
+        sa = state.record.sa
+        if state.up or state.problem or sa is None or sa.spi_to_portal != spi:
+            return
+        if state.record.learned.address is None:
+            return
+        probe = self._probe(spi, sa, state.record)
+        if probe is None:
+            return
+        # the probe's window moves, the real SA (built below) starts afresh
+        # from the replay marks and opens the packet again
+        if isinstance(probe.open(esp, now), Drop):
+            self.counters["probe_drops"] += 1
+            return
+        del self.probes[spi]
+        self.activate(moat_id, now)
+
+    def _probe(self, spi: int, sa: SaPair, rec: MoatRecord) -> InboundSA | None:
+        probe = self.probes.get(spi)
+        if probe is not None:
+            self.probes.move_to_end(spi)
+            return probe
+        if self.probe_budget <= 0:
+            self.counters["probe_rate_limited"] += 1
+            return None
+        self.probe_budget -= 1
+        try:
+            probe = self._inbound_sa(sa, rec)
+        except (EspError, ValueError):
+            return None  # the real build reports it
+        self.counters["probes_built"] += 1
+        self.probes[spi] = probe
+        if len(self.probes) > PROBE_CACHE:
+            self.probes.popitem(last=False)
+        return probe
+
+    def _inbound_sa(self, sa: SaPair, rec: MoatRecord) -> InboundSA:
+        """The inbound SA, its replay window restarted from its saved mark."""
+        in_sa = _inbound(sa, rec, self.networks)
+        self.marks.restore(in_sa)
+        return in_sa
 
     def _activate_address(self, dst: bytes, now: float) -> None:
         moat_id = self.subnets.lookup(dst)
@@ -236,7 +310,7 @@ class Portal:
         return Peer(
             name=rec.id,
             out_sa=out_sa,
-            in_sa=_inbound(rec.sa, rec, self.networks),
+            in_sa=self._inbound_sa(rec.sa, rec),
             endpoint=(str(rec.learned.address), port if self._udp else 0),
             encapsulation=self.settings.encapsulation,
             local_subnets=self.networks,
@@ -257,6 +331,7 @@ class Portal:
                 return
             self.dp.add_peer(peer, now)
             state.up, state.problem = True, ""
+            self.activity[rec.id] = (peer.tx_bytes, peer.rx_packets, now)
         except (EspError, ValueError) as exc:
             state.up, state.problem = False, str(exc)
             self.counters["failed"] += 1
@@ -289,17 +364,19 @@ class Portal:
         peer = self.dp.peers.get(moat_id)
         if peer is None or old.subnet != rec.subnet or old.number != rec.number:
             if peer is not None:
-                self.dp.remove_peer(moat_id)
+                self._take_down(moat_id)
+            self._forget_old_sas(old, rec)
             self._untrack(old)
             self._track(rec)  # a new (or repaired) record: built on first use
             return "replaced" if peer is not None else "updated"
         state.record = rec
+        self._forget_old_sas(old, rec)
         if rec.sa is not None and rec.sa != old.sa:
             try:
                 self.dp.rekey(
                     moat_id,
                     _outbound(rec.sa),
-                    _inbound(rec.sa, rec, self.networks),
+                    self._inbound_sa(rec.sa, rec),
                     now,
                 )
                 self.counters["rekeyed"] += 1
@@ -319,11 +396,72 @@ class Portal:
             return "absent"
         self._untrack(state.record)
         if moat_id in self.dp.peers:
-            self.dp.remove_peer(moat_id)
+            self._take_down(moat_id)
+        self._forget_old_sas(state.record, None)
         self.reserved.pop(moat_id, None)
         self.counters["removed"] += 1
         log.info("moat %s removed", moat_id)
         return "removed"
+
+    def _take_down(self, moat_id: str) -> None:
+        """Remove a moat's peer, remembering its windows and sequence number."""
+        peer = self.dp.peers[moat_id]
+        for entry in list(self.dp.spis.values()):
+            if entry.peer is peer:
+                self.marks.note(entry.sa)
+        self.retired_out[moat_id] = (peer.out_sa.cfg.spi, peer.out_sa.seq)
+        self.dp.remove_peer(moat_id)
+        self.activity.pop(moat_id, None)
+        state = self.moats.get(moat_id)
+        if state is not None:
+            state.up = False
+
+    def _forget_old_sas(self, old: MoatRecord, new: MoatRecord | None) -> None:
+        """Drop state of SAs the record no longer holds (rekeyed twice, removed)."""
+        keep = set(_mark_keys(new.sa, new.sa_previous)) if new is not None else set()
+        for key in _mark_keys(old.sa, old.sa_previous):
+            if key not in keep:
+                self.marks.forget(key)
+        for pair in (old.sa, old.sa_previous):
+            if pair is not None and (new is None or pair not in (new.sa,)):
+                self.probes.pop(pair.spi_to_portal, None)
+        if new is None or new.sa is None:
+            self.retired_out.pop(old.id, None)
+
+    def retire_idle(self, now: float) -> int:
+        """Remove peers without traffic (either way) for `peer_idle` seconds."""
+        idle = self.settings.peer_idle
+        retired = 0
+        for name, peer in list(self.dp.peers.items()):
+            seen = (peer.tx_bytes, peer.rx_packets)
+            last = self.activity.get(name)
+            if last is None or seen != last[:2]:
+                self.activity[name] = (*seen, now)
+            elif now - last[2] >= idle and peer.pending_out is None:
+                self._take_down(name)
+                retired += 1
+        if retired:
+            self.counters["retired"] += retired
+            log.info("%d idle peers retired (no traffic for %ds)", retired, idle)
+        return retired
+
+    def tick(self, now: float) -> None:
+        """About once a second: reservations, replay marks, idle peers."""
+        self.reserve_sequences()
+        if self.marks.due(self._receiving(), now):
+            self.marks.save(self._receiving(), now)
+        self.probe_budget = PROBES_PER_TICK
+        if now >= self.next_retire_check:
+            self.next_retire_check = now + RETIRE_CHECK
+            self.retire_idle(now)
+
+    def _receiving(self) -> list[InboundSA]:
+        return [entry.sa for entry in self.dp.spis.values()]
+
+    def stopped(self, now: float) -> None:
+        """The datapath has stopped: save exact marks and reservations."""
+        self.reserve_sequences()
+        self.marks.save(self._receiving(), now, clean=True)
 
     def _roamed(self, peer: Peer, old: Address, new: Address) -> None:
         """Persist an endpoint the Datapath learned from authenticated ESP."""
@@ -354,6 +492,9 @@ class Portal:
         return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 2}
 
     def _restart_sequence(self, moat_id: str, spi: int) -> int:
+        retired = self.retired_out.get(moat_id)
+        if retired is not None and retired[0] == spi:
+            return retired[1]  # retired in this run: its reservation still holds
         entry = self.reserved.get(moat_id)
         if entry is not None and entry[0] == spi:
             return int(entry[1])
@@ -386,6 +527,9 @@ class Portal:
             "moats": len(self.moats),
             "ready": ready,  # registered: a peer is built on the first packet
             "up": len(self.dp.peers),  # peers built
+            "probes": len(self.probes),  # probe SAs (no peer until an ICV passes)
+            "peer_idle": self.settings.peer_idle,
+            "replay_marks": {"sas": len(self.marks.marks), **self.marks.counters},
             "load_seconds": round(self.load_seconds, 3),
             "problems": self.problems,
             "failed": {k: s.problem for k, s in self.moats.items() if s.problem},
@@ -497,13 +641,13 @@ def serve(db: Database, settings: PortalSettings, tun_name: str = DEFAULT_TUN) -
         loop = EventLoop(portal.dp, tun, {settings.encapsulation: sock}, control)
         poll = portal.dp.poll
 
-        def poll_and_reserve(now: float) -> None:
+        def poll_and_tick(now: float) -> None:
             poll(now)
-            portal.reserve_sequences()
+            portal.tick(now)
 
-        portal.dp.poll = poll_and_reserve  # type: ignore[method-assign]
+        portal.dp.poll = poll_and_tick  # type: ignore[method-assign]
         loop.run()
-        portal.reserve_sequences()
+        portal.stopped(time.monotonic())
         log.info("portal stopped")
         return 0
     finally:

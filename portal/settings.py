@@ -17,6 +17,7 @@
     outbox = "/var/lib/moat/outbox" # welcome mails land here without smtp
     smtp = ""                       # "host:port" to send welcome mails
     mail_from = "moat-portal@localhost"
+    peer_idle = 900                 # seconds: an idle moat's SAs leave memory
 
 The file holds no secret (the AuthorizedKeysCommand, which runs as an
 unprivileged user, reads it), so it is mode 0644.
@@ -57,6 +58,7 @@ class PortalSettings:
     outbox: str = "/var/lib/moat/outbox"
     smtp: str = ""
     mail_from: str = "moat-portal@localhost"
+    peer_idle: int = 900
 
     @property
     def registration_host(self) -> str:
@@ -132,6 +134,10 @@ def settings_from_dict(d: dict[str, Any], source: str) -> PortalSettings:
             if not 1 <= port <= 65535:
                 raise ConfigError(source, name, "must be 1..65535")
             rest[name] = port
+    if "peer_idle" in d:
+        rest["peer_idle"] = _check("peer_idle", d["peer_idle"], int, source)
+        if rest["peer_idle"] < 1:
+            raise ConfigError(source, "peer_idle", "must be >= 1 (seconds)")
     return PortalSettings(
         endpoint=endpoint,
         pool=pool,
@@ -182,6 +188,7 @@ def settings_to_toml(s: PortalSettings) -> str:
             f"outbox = {q(s.outbox)}",
             f"smtp = {q(s.smtp)}",
             f"mail_from = {q(s.mail_from)}",
+            f"peer_idle = {s.peer_idle}",
             "",
         ]
     )

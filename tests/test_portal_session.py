@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datapath import config as tunnel_config
+from datapath.esp import NEXT_HEADER_IPV4, OutboundSA, SAConfig
 from portal.daemon import SEQUENCE_BLOCK, Portal, handle
 from portal.db import Database, NoSuchMoat
 from portal.provision import add_many
+from portal.record import MoatRecord
 from portal.register import MoatConfig, load_config, parse_answer, tunnel_config_text
 from portal.session import (
     Refused,
@@ -194,9 +196,13 @@ def test_portal_reload_touches_one_moat(
     p.dp.inbound(
         rec.sa.spi_to_portal.to_bytes(4, "big") + bytes(40), ("1.2.3.4", 9), 1.1
     )
+    # garbage fails the probe SA's ICV: no peer is built, nothing moves
+    assert sorted(p.dp.peers) == ["m2"] and p.status()["counters"]["probe_drops"] == 1
+    m1_src = str(rec.subnet.network_address + 2)
+    p.dp.inbound(_sealed(rec, _ipv4_packet(m1_src, "10.10.0.5")), MOAT_ADDR, 1.2)
     assert sorted(p.dp.peers) == ["m1", "m2"] and p.dp.peers["m2"] is m2
-    assert p.dp.peers["m1"].endpoint == ("198.51.100.7", 4500)
-    assert p.dp.peers["m1"].rx_packets == 0  # garbage: dropped, moved nothing
+    assert p.dp.peers["m1"].endpoint == MOAT_ADDR
+    assert p.dp.peers["m1"].rx_packets == 1
 
     # re-registration: make-before-break rekey, both inbound SAs installed
     run_session(db, s, "m1", env("register", "198.51.100.9"))
@@ -216,6 +222,20 @@ def test_portal_reload_touches_one_moat(
     db.remove("m2")
     assert p.reload("m2", 4.0) == "removed"
     assert p.dp.peers == {}
+
+
+MOAT_ADDR = ("198.51.100.7", 4500)
+
+
+def _sealed(rec: MoatRecord, inner: bytes, seq: int = 0) -> bytes:
+    """An ESP packet as the moat `rec` sends it (its key to the portal)."""
+    assert rec.sa is not None
+    sa = rec.sa
+    out = OutboundSA(
+        SAConfig(spi=sa.spi_to_portal, transform=sa.transform, key=sa.key_to_portal)
+    )
+    out.seq = seq
+    return out.seal(inner, NEXT_HEADER_IPV4)
 
 
 def _ipv4_packet(src: str, dst: str) -> bytes:
