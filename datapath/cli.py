@@ -101,8 +101,9 @@ def build_sas(cfg: TunnelConfig) -> tuple[OutboundSA, InboundSA]:
     selectors = Selectors(cfg.local_subnets, cfg.remote_subnets)
     out_cfg = sa_config(cfg.sa_out, "sa.out", cfg.source)
     in_cfg = sa_config(cfg.sa_in, "sa.in", cfg.source)
+    soft_limit = cfg.rekey_packets or None
     try:
-        return OutboundSA(out_cfg), InboundSA(in_cfg, selectors)
+        return OutboundSA(out_cfg, soft_limit), InboundSA(in_cfg, selectors)
     except (EspError, ValueError) as exc:
         raise ConfigError(cfg.source, "sa", str(exc)) from None
 

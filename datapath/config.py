@@ -7,6 +7,8 @@
     mtu_policy = "virtual-large"  # inner packets larger than the path: virtual-large
                                   # (AGGFRAG), clamp-mss, classic (ICMP) or plain
     rekey_grace = 30              # seconds an old inbound SA is kept after a reload
+    rekey_packets = 0             # outbound SA "needs rekey" after this many packets
+                                  # (0 = when 1/16 of its sequence space is left)
     control_socket = "/run/moat/tunnel.sock"
     state_dir = "/var/lib/moat/tunnel"   # sequence and replay high-water marks
 
@@ -131,6 +133,7 @@ class TunnelConfig:
     keepalive: float = DEFAULT_KEEPALIVE
     mtu_policy: str = DEFAULT_MTU_POLICY
     rekey_grace: float = 30.0
+    rekey_packets: int = 0
     control_socket: str = DEFAULT_CONTROL_SOCKET
     state_dir: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -332,6 +335,7 @@ def parse(text: str, source: str = "") -> TunnelConfig:
     keepalive = tunnel.number("keepalive", 0, 3600, DEFAULT_KEEPALIVE)
     mtu_policy = tunnel.choice("mtu_policy", MTU_POLICIES, DEFAULT_MTU_POLICY)
     rekey_grace = tunnel.number("rekey_grace", 0, 3600, 30.0)
+    rekey_packets = tunnel.integer("rekey_packets", 0, (1 << 64) - 1, 0)
     control_socket = tunnel.string("control_socket", DEFAULT_CONTROL_SOCKET)
     state_dir = tunnel.string("state_dir", "")
     tunnel.check_unknown()
@@ -402,6 +406,7 @@ def parse(text: str, source: str = "") -> TunnelConfig:
         keepalive=keepalive,
         mtu_policy=mtu_policy,
         rekey_grace=rekey_grace,
+        rekey_packets=rekey_packets,
         control_socket=control_socket,
         state_dir=state_dir,
     )

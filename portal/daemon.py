@@ -264,8 +264,11 @@ class Portal:
             return
         # the probe's window moves, the real SA (built below) starts afresh
         # from the replay marks and opens the packet again
-        if isinstance(probe.open(esp, now), Drop):
+        opened = probe.open(esp, now)
+        if isinstance(opened, Drop):
             self.counters["probe_drops"] += 1
+            reason = f"probe_{opened.value}"  # probe_icv, probe_replay, ...
+            self.counters[reason] = self.counters.get(reason, 0) + 1
             return
         del self.probes[spi]
         self.activate(moat_id, now)

@@ -10,9 +10,17 @@ the tunnel's pid file).
 
 Triggers: boot (`moat register --daemon` starts with a registration), the
 DHCP client's address-change hook (`moat register --now`, which wakes the
-daemon with SIGUSR1 or registers once if none runs), and the schedule
-(every `interval` seconds, default hourly, or sooner if the portal says so).
-Failures are retried with exponential backoff and jitter.
+daemon with SIGUSR1 or registers once if none runs), the schedule (every
+`interval` seconds, default hourly, or sooner if the portal says so), and
+the running tunnel itself: every STATUS_POLL seconds the daemon reads the
+tunnel's status from its control socket and registers early when an SA
+nears its sequence-number limit (the outbound SA's `needs_rekey`, set by
+its soft limit or `[register] rekey_packets`; the inbound SA past the soft
+limit of its sequence space) or when nothing came from the portal for
+NO_ANSWER_AFTER seconds while the moat kept sending (the portal lost the
+SA's state: a crash, a restore). Registration is make-before-break: the
+tunnel keeps the old SAs until the new ones carry traffic. Failures are
+retried with exponential backoff and jitter.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from datapath.config import DEFAULT_MTU_POLICY, MTU_POLICIES
+from datapath.esp import ESN_SEQ_LIMIT, SEQ_LIMIT, SOFT_LIMIT_MARGIN
+from datapath.loop import query
 from moat.durable import atomic_write_text
 from moat.errors import ConfigError, MoatError
 
@@ -47,6 +57,9 @@ BACKOFF_MAX = 300.0
 DEFAULT_INTERVAL = 3600
 PROTOCOL_VERSION = 1
 TUNNEL_REKEY_GRACE = 2.0
+STATUS_POLL = 5.0  # seconds between looks at the running tunnel's status
+NO_ANSWER_AFTER = 60.0  # sending, but nothing from the portal for this long
+EARLY_MIN_INTERVAL = 10.0  # seconds between two early (status-driven) registrations
 MOAT_ARGV = (
     [sys.executable, "-m", "moat"]
     if not getattr(sys, "frozen", False)
@@ -74,6 +87,7 @@ class MoatConfig:
     state_file: Path
     tun: str
     tunnel_control: Path
+    rekey_packets: int = 0  # 0: the SA's own soft limit
 
 
 def load_config(path: str | Path) -> MoatConfig:
@@ -102,6 +116,13 @@ def load_config(path: str | Path) -> MoatConfig:
         return value
 
     tunnel_pid = reg.get("tunnel_pidfile")
+    rekey_packets = reg.get("rekey_packets", 0)
+    if (
+        isinstance(rekey_packets, bool)
+        or not isinstance(rekey_packets, int)
+        or rekey_packets < 0
+    ):
+        raise ConfigError(str(path), "register.rekey_packets", "must be >= 0")
     return MoatConfig(
         source=path,
         id=text("id"),
@@ -117,6 +138,7 @@ def load_config(path: str | Path) -> MoatConfig:
         state_file=base / text("state_file", "registration.json"),
         tun=text("tun", "moat0"),
         tunnel_control=base / text("tunnel_control", "tunnel.sock"),
+        rekey_packets=rekey_packets,
     )
 
 
@@ -245,6 +267,7 @@ def tunnel_config_text(cfg: MoatConfig, answer: dict[str, Any]) -> str:
         f'encapsulation = "{portal["encapsulation"]}"',
         f'mtu_policy = "{portal.get("mtu_policy", DEFAULT_MTU_POLICY)}"',
         f"rekey_grace = {TUNNEL_REKEY_GRACE}",
+        f"rekey_packets = {cfg.rekey_packets}",
         f'control_socket = "{cfg.tunnel_control}"',
         "",
         "[tun]",
@@ -292,6 +315,89 @@ def signal_tunnel(
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError, IndexError) as exc:
         log.warning("could not tell the tunnel to reload: %s", exc)
+
+
+def soft_limit(esn: bool) -> int:
+    """The sequence number at which an SA should be replaced (as OutboundSA)."""
+    limit = ESN_SEQ_LIMIT if esn else SEQ_LIMIT
+    return limit - int(limit * SOFT_LIMIT_MARGIN)
+
+
+def rekey_reason(status: dict[str, Any]) -> str | None:
+    """Why the tunnel's SAs should be replaced now, from its status, or None.
+
+    Outbound: the tunnel's own `needs_rekey` (its soft limit, or
+    `rekey_packets`). Inbound: the portal's sequence numbers on our current
+    inbound SA passed the soft limit of the sequence space (the portal cannot
+    start a registration, so the moat does); `rekey_packets` does not apply
+    there: the portal's numbers jump ahead by a reservation block after each
+    of its restarts. A rekey already under way (new outbound SA pending) is
+    left to finish.
+    """
+    for name, peer in status.get("peers", {}).items():
+        if peer.get("pending_out_spi"):
+            continue
+        out = peer.get("out_sa", {})
+        if out.get("needs_rekey"):
+            return (
+                f"{name}: outbound SA {out.get('spi', 0):#x} needs rekeying"
+                f" (sequence {out.get('seq')})"
+            )
+        for sa in peer.get("in_sas", []):
+            if not sa.get("current"):
+                continue
+            highest = int(sa.get("highest_seq", 0))
+            if highest >= soft_limit(bool(sa.get("esn", True))):
+                return (
+                    f"{name}: inbound SA {sa.get('spi', 0):#x} near its limit"
+                    f" (sequence {highest})"
+                )
+    return None
+
+
+class TunnelWatch:
+    """Reads the running tunnel's status; says when to register early."""
+
+    def __init__(self, cfg: MoatConfig) -> None:
+        self.cfg = cfg
+        self.next_poll = 0.0
+        self.last_early = -EARLY_MIN_INTERVAL
+        # (tx_bytes, rx_packets) when the portal was last heard, and when
+        self.heard: tuple[int, int, float] | None = None
+
+    def registered(self) -> None:
+        self.heard = None  # new SAs: the clock starts again
+
+    def check(self, now: float) -> str | None:
+        """A reason to register now, or None; polls every STATUS_POLL s."""
+        if now < self.next_poll:
+            return None
+        self.next_poll = now + STATUS_POLL
+        try:
+            status = query(str(self.cfg.tunnel_control))
+        except (OSError, ValueError) as exc:
+            log.debug("tunnel status unavailable: %s", exc)
+            return None
+        reason = rekey_reason(status) or self._silent(status, now)
+        if reason is None or now - self.last_early < EARLY_MIN_INTERVAL:
+            return None
+        self.last_early = now
+        return reason
+
+    def _silent(self, status: dict[str, Any], now: float) -> str | None:
+        """The moat kept sending for NO_ANSWER_AFTER s and nothing came back:
+        the portal may have lost the SA's state (a crash, a restored backup)."""
+        peers = list(status.get("peers", {}).values())
+        if len(peers) != 1:
+            return None
+        tx, rx = int(peers[0].get("tx_bytes", 0)), int(peers[0].get("rx_packets", 0))
+        if self.heard is None or rx != self.heard[1] or tx < self.heard[0]:
+            self.heard = (tx, rx, now)
+            return None
+        if tx > self.heard[0] and now - self.heard[2] >= NO_ANSWER_AFTER:
+            self.heard = (tx, rx, now)
+            return f"no packet from the portal for {NO_ANSWER_AFTER:.0f}s while sending"
+        return None
 
 
 def backoff(failures: int, rng: random.Random) -> float:
@@ -343,6 +449,7 @@ def run_daemon(
     signal.signal(signal.SIGTERM, on_term)
     atomic_write_text(cfg.pidfile, f"{os.getpid()}\n")
     tunnel = TunnelChild(cfg) if start_tunnel else None
+    watch = TunnelWatch(cfg)
     rng = random.Random()
     failures = 0
     try:
@@ -350,6 +457,7 @@ def run_daemon(
             try:
                 answer = register_once(cfg)
                 failures = 0
+                watch.registered()
                 if tunnel is not None:
                     tunnel.registered()
                 else:
@@ -377,6 +485,9 @@ def run_daemon(
                         "tunnel exited (%s); registering again", tunnel.proc.returncode
                     )
                     tunnel.proc = None
+                    break
+                if failures == 0 and (reason := watch.check(time.monotonic())):
+                    log.info("registering early: %s", reason)
                     break
                 wake.wait(min(left, 1.0))
             wake.clear()

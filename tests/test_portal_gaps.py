@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datapath import config as tunnel_config
+from datapath.cli import build_sas
 from datapath.esp import NEXT_HEADER_IPV4, InboundSA, OutboundSA, SAConfig
 from datapath.replay import DUPLICATE, TOO_OLD, ReplayWindow
 from datapath.replaymarks import (
@@ -30,6 +32,13 @@ from portal.daemon import PROBE_CACHE, PROBES_PER_TICK, Portal
 from portal.db import Database
 from portal.provision import add_many
 from portal.record import MoatRecord
+from portal.register import (
+    NO_ANSWER_AFTER,
+    TunnelWatch,
+    load_config,
+    rekey_reason,
+    tunnel_config_text,
+)
 from portal.session import Origin, register
 from portal.settings import PortalSettings, settings_from_dict
 
@@ -355,3 +364,97 @@ def test_forged_packets_for_known_spis_build_nothing(tmp_path: Path) -> None:
     moat = Moat(db.get("m7"))
     p.dp.inbound(moat.packet(1), MOAT_ADDR, 3.0)
     assert sorted(p.dp.peers) == ["m7"] and len(_delivered(p)) == 1
+
+
+# --- moat register: early registration from the tunnel's status ------------------
+
+
+def _tunnel_status(
+    needs_rekey: bool = False,
+    pending: int | None = None,
+    in_seq: int = 5,
+    esn: bool = True,
+    tx_bytes: int = 0,
+    rx_packets: int = 0,
+) -> dict[str, object]:
+    return {
+        "peers": {
+            "portal": {
+                "out_sa": {"spi": 0x201, "seq": 77, "needs_rekey": needs_rekey},
+                "pending_out_spi": pending,
+                "in_sas": [
+                    {"spi": 0x301, "current": True, "esn": esn, "highest_seq": in_seq}
+                ],  # fmt: skip
+                "tx_bytes": tx_bytes,
+                "rx_packets": rx_packets,
+            }
+        }
+    }
+
+
+def test_rekey_reason_from_the_tunnel_status() -> None:
+    assert rekey_reason(_tunnel_status()) is None
+    assert "needs rekeying" in str(rekey_reason(_tunnel_status(needs_rekey=True)))
+    # a rekey under way is left to finish
+    assert rekey_reason(_tunnel_status(needs_rekey=True, pending=0x202)) is None
+    # the portal's numbers near the end of a 32-bit space (no ESN)
+    assert rekey_reason(_tunnel_status(in_seq=(1 << 32) - 1000, esn=False))
+    assert rekey_reason(_tunnel_status(in_seq=(1 << 32) - 1000, esn=True)) is None
+    # ... but not after a jump of a reservation block (portal restart)
+    assert rekey_reason(_tunnel_status(in_seq=(1 << 24) + 5, esn=False)) is None
+
+
+def test_register_reads_rekey_packets_and_writes_it_for_the_tunnel(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "moat.toml").write_text(
+        '[register]\nid = "m1"\nportal = "192.0.2.1"\nrekey_packets = 500\n'
+    )
+    cfg = load_config(tmp_path / "moat.toml")
+    assert cfg.rekey_packets == 500
+    answer = {
+        "generation": 1,
+        "portal": {"address": "192.0.2.1", "port": 4500, "encapsulation": "udp"},
+        "networks": ["10.10.0.0/16"],
+        "subnet": "10.200.0.0/28",
+        "sa_in": {"spi": 0x301, "transform": "aes-gcm-128", "key": KEY.hex()},
+        "sa_out": {"spi": 0x201, "transform": "aes-gcm-128", "key": KEY[::-1].hex()},
+    }
+    tunnel = tunnel_config.parse(tunnel_config_text(cfg, answer), "t")
+    assert tunnel.rekey_packets == 500
+    out_sa, _ = build_sas(tunnel)
+    out_sa.seq = 499
+    assert not out_sa.needs_rekey
+    out_sa.seal(b"\x45" + bytes(19), NEXT_HEADER_IPV4)
+    assert out_sa.needs_rekey
+
+
+def test_watch_registers_when_the_portal_stops_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "moat.toml").write_text('[register]\nid = "m1"\nportal = "x"\n')
+    watch = TunnelWatch(load_config(tmp_path / "moat.toml"))
+    answers: list[dict[str, object]] = []
+    monkeypatch.setattr("portal.register.query", lambda path: answers[-1])
+
+    def at(now: float, **kw: int) -> str | None:
+        answers.append(_tunnel_status(**kw))  # type: ignore[arg-type]
+        watch.next_poll = 0.0
+        return watch.check(now)
+
+    assert at(0.0, tx_bytes=100, rx_packets=10) is None
+    assert at(30.0, tx_bytes=900, rx_packets=25) is None  # answers come back
+    # sending, nothing back: after NO_ANSWER_AFTER s, register
+    assert at(60.0, tx_bytes=5000, rx_packets=25) is None
+    reason = at(30.0 + NO_ANSWER_AFTER, tx_bytes=9000, rx_packets=25)
+    assert reason is not None and "no packet from the portal" in reason
+    # idle both ways is not silence
+    watch.registered()
+    assert at(200.0, tx_bytes=9000, rx_packets=25) is None
+    assert at(200.0 + 2 * NO_ANSWER_AFTER, tx_bytes=9000, rx_packets=25) is None
+    # and no status (tunnel not up yet) is no reason
+    monkeypatch.setattr(
+        "portal.register.query", lambda path: (_ for _ in ()).throw(OSError("no"))
+    )
+    watch.next_poll = 0.0
+    assert watch.check(1000.0) is None
