@@ -364,6 +364,8 @@ class TunnelWatch:
         self.last_early = -EARLY_MIN_INTERVAL
         # (tx_bytes, rx_packets) when the portal was last heard, and when
         self.heard: tuple[int, int, float] | None = None
+        # silence that triggers a registration; doubles while it does not help
+        self.silence_limit = NO_ANSWER_AFTER
 
     def registered(self) -> None:
         self.heard = None  # new SAs: the clock starts again
@@ -392,11 +394,16 @@ class TunnelWatch:
             return None
         tx, rx = int(peers[0].get("tx_bytes", 0)), int(peers[0].get("rx_packets", 0))
         if self.heard is None or rx != self.heard[1] or tx < self.heard[0]:
+            if self.heard is not None and rx != self.heard[1]:
+                self.silence_limit = NO_ANSWER_AFTER  # the portal answers
             self.heard = (tx, rx, now)
             return None
-        if tx > self.heard[0] and now - self.heard[2] >= NO_ANSWER_AFTER:
+        silent = now - self.heard[2]
+        if tx > self.heard[0] and silent >= self.silence_limit:
+            # one-way traffic that no registration cures: ask less often
+            self.silence_limit = min(2 * self.silence_limit, DEFAULT_INTERVAL)
             self.heard = (tx, rx, now)
-            return f"no packet from the portal for {NO_ANSWER_AFTER:.0f}s while sending"
+            return f"no packet from the portal for {silent:.0f}s while sending"
         return None
 
 

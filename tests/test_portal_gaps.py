@@ -448,6 +448,14 @@ def test_watch_registers_when_the_portal_stops_answering(
     assert at(60.0, tx_bytes=5000, rx_packets=25) is None
     reason = at(30.0 + NO_ANSWER_AFTER, tx_bytes=9000, rx_packets=25)
     assert reason is not None and "no packet from the portal" in reason
+    # still nothing back after that registration: the next try waits longer
+    watch.registered()
+    t = 30.0 + NO_ANSWER_AFTER
+    assert at(t + 1, tx_bytes=9100, rx_packets=25) is None
+    assert at(t + 1 + NO_ANSWER_AFTER, tx_bytes=9500, rx_packets=25) is None
+    assert at(t + 1 + 2 * NO_ANSWER_AFTER, tx_bytes=9900, rx_packets=25)
+    assert at(t + 300, tx_bytes=9900, rx_packets=26) is None  # answered again
+    assert watch.silence_limit == NO_ANSWER_AFTER
     # idle both ways is not silence
     watch.registered()
     assert at(200.0, tx_bytes=9000, rx_packets=25) is None
