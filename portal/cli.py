@@ -61,8 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--register-command",
         default="",
-        help="forced command sshd runs for a moat"
-        " (default: this moat program, register-session on this database)",
+        help="forced command sshd runs for a moat, before '--socket PATH --id ID'"
+        " (default: the system python3 running portal/forced_command.py)",
+    )
+    p.add_argument(
+        "--ssh-kex",
+        default="",
+        help="key exchange algorithms, in the order moats ask for them",
     )
     p.add_argument("--outbox", default="", help="welcome mails (default: DB/outbox)")
     p.add_argument("--smtp", default="", help="host:port to send welcome mails")
@@ -101,7 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", help="ask the running daemon")
     p.add_argument("--verbose", action="store_true", help="every peer's SAs")
 
-    p = sub.add_parser("register-session", help="sshd forced command (internal)")
+    p = sub.add_parser(
+        "register-session", help="sshd forced command (slower than forced_command.py)"
+    )
+    p.add_argument("--socket", help="control socket (default: from portal.toml)")
     p.add_argument("--id", required=True)
 
     p = sub.add_parser("authorized-keys", help="sshd AuthorizedKeysCommand")
@@ -158,7 +166,13 @@ def _tell_daemon(settings: Any, moat_id: str) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from portal.db import Database
-    from portal.settings import SETTINGS_FILE, settings_from_dict, settings_to_toml
+    from portal.settings import (
+        DEFAULT_KEX,
+        SETTINGS_FILE,
+        default_register_command,
+        settings_from_dict,
+        settings_to_toml,
+    )
 
     root = Path(args.db)
     if (root / SETTINGS_FILE).exists():
@@ -175,8 +189,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         "port": args.port,
         "encapsulation": args.encapsulation,
         "control": args.control,
-        "register_command": args.register_command
-        or f"{sys.executable} -m moat portal --db {root.resolve()} register-session",
+        "register_command": args.register_command or default_register_command(),
+        "ssh_kex": args.ssh_kex or DEFAULT_KEX,
         "outbox": args.outbox or str(root.resolve() / "outbox"),
         "smtp": args.smtp,
         "mail_from": args.mail_from,
@@ -341,18 +355,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_register_session(args: argparse.Namespace) -> int:
-    """Forced command: never a traceback to the moat, one JSON answer."""
-    from portal.session import run_session
+    """The forced command through the moat program: hand the login to the
+    daemon, one JSON answer, never a traceback to the moat."""
+    from portal import forced_command
+    from portal.settings import load_settings
 
-    try:
-        db, settings = _open(args)
-        answer = run_session(db, settings, args.id, dict(os.environ))
-    except MoatError as exc:
-        print(json.dumps({"ok": False, "error": str(exc)}))
-        print(f"refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    print(json.dumps({"ok": True, **answer}))
-    return 0
+    path = args.socket
+    if path is None:
+        try:
+            path = load_settings(args.db).control
+        except MoatError as exc:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+            return EXIT_REFUSED
+    status, output = forced_command.main(
+        ["--socket", path, "--id", args.id], dict(os.environb)
+    )
+    sys.stdout.buffer.write(output)
+    return status
 
 
 def cmd_authorized_keys(args: argparse.Namespace) -> int:

@@ -7,10 +7,18 @@ on receive, longest-prefix match on the moats' subnets on send). The kernel
 routes the pool (and any subnet outside it) to the TUN device.
 
 The control socket (portal/control.py) takes `reload ID` from the
-registration session and from the provisioning verbs: the daemon re-reads
-that one record and adds, re-keys (make-before-break), moves or removes that
-moat's peer; nothing else is touched. A record or SA that cannot be brought
-up is logged and counted and the daemon goes on to the next.
+provisioning verbs: the daemon re-reads that one record and adds, re-keys
+(make-before-break), moves or removes that moat's peer; nothing else is
+touched. A record or SA that cannot be brought up is logged and counted and
+the daemon goes on to the next.
+
+Registrations arrive on the same socket from sshd's forced command
+(portal/forced_command.py), which runs as the ssh user: the socket is
+root:<ssh user's group> 0660, and a peer that is not root (SO_PEERCRED) may
+only `register`. The daemon takes every registration waiting on the socket,
+writes their records in one group commit (each fsynced before its rename,
+the directory once), applies the new SAs to the datapath, and only then
+answers each moat.
 
 Roaming: the Datapath moves a moat's endpoint only on an authenticated
 packet newer than any seen; the daemon then writes the new address and port
@@ -35,10 +43,14 @@ its next packet builds it again.
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import json
 import logging
+import os
+import pwd
 import socket
+import struct
 import subprocess
 import time
 from collections import OrderedDict
@@ -66,6 +78,7 @@ from portal.record import (
     RecordError,
     SaPair,
 )
+from portal.session import Login, Refused, answer_for, parse_login, registered
 from portal.settings import PortalSettings
 
 log = logging.getLogger(__name__)
@@ -78,6 +91,10 @@ PROBES_PER_TICK = 256  # probe SAs built per tick (~1 s) at most
 RETIRE_CHECK = 5.0  # seconds between scans for idle peers
 REKEY_GRACE = 10.0
 CLIENT_TIMEOUT = 2.0
+REGISTRATION_BATCH = 64  # registrations written in one group commit, at most
+CONTROL_BACKLOG = 256
+PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+ROOT_UID = 0
 DEFAULT_TUN = "portal0"
 OUTER_MTU = 1500
 ESP_SPI_SIZE = 4
@@ -189,7 +206,7 @@ class Portal:
         self.counters: dict[str, int] = {
             "reloads": 0, "added": 0, "removed": 0, "rekeyed": 0, "failed": 0,
             "roamed": 0, "activated": 0, "retired": 0, "probes_built": 0,
-            "probe_drops": 0, "probe_rate_limited": 0,
+            "probe_drops": 0, "probe_rate_limited": 0, "registered": 0,
         }  # fmt: skip
         self.sequence_path = db.root / SEQUENCE_FILE
         self.reserved: dict[str, list[int]] = self._read_reserved()
@@ -357,6 +374,11 @@ class Portal:
             self._remove(moat_id)
             return "skipped"
         self.problems.pop(name, None)
+        return self.apply(rec, now)
+
+    def apply(self, rec: MoatRecord, now: float) -> str:
+        """Make the datapath match `rec` (just read or just written)."""
+        moat_id = rec.id
         state = self.moats.get(moat_id)
         if state is None:
             self._track(rec)
@@ -485,6 +507,59 @@ class Portal:
                 "moat %s moved to %s:%d, record not updated: %s", peer.name, *new, exc
             )
 
+    # --- registrations ---------------------------------------------------------------
+
+    def register_many(self, requests: list[dict[str, Any]], now: float) -> list[Any]:
+        """Answer `register` requests: one group commit, then the datapath.
+
+        Each answer is sent only after its record is durable and its SAs are
+        installed. A moat asking twice in one batch is registered twice.
+        """
+        answers: list[Any] = [None] * len(requests)
+        logins: dict[int, Login] = {}
+        for i, req in enumerate(requests):
+            try:
+                logins[i] = parse_login(req)
+            except Refused as exc:
+                answers[i] = {"ok": False, "error": str(exc)}
+        wall = dt.datetime.now(dt.UTC).replace(microsecond=0)  # as the TOML holds it
+        while logins:
+            # one round: every moat at most once
+            batch: dict[str, Login] = {}
+            slots: dict[str, int] = {}
+            for i, login in list(logins.items()):
+                if login.moat_id not in batch:
+                    batch[login.moat_id], slots[login.moat_id] = login, i
+                    del logins[i]
+            results = self.db.modify_many(batch, self._registration(batch, wall))
+            for moat_id, i in slots.items():
+                answers[i] = self._registered(moat_id, results[moat_id], now)
+        self.counters["registered"] += sum(1 for a in answers if a["ok"])
+        return answers
+
+    def _registration(
+        self, batch: dict[str, Login], wall: dt.datetime
+    ) -> Callable[[MoatRecord], MoatRecord]:
+        def change(rec: MoatRecord) -> MoatRecord:
+            return registered(rec, self.settings, batch[rec.id].origin, wall)
+
+        return change
+
+    def _registered(
+        self, moat_id: str, result: MoatRecord | MoatError, now: float
+    ) -> dict[str, Any]:
+        if isinstance(result, MoatError):
+            log.info("moat %s: registration refused: %s", moat_id, result)
+            if isinstance(result, RecordError):
+                self.problems[f"{moat_id}.toml"] = str(result)
+                self._remove(moat_id)
+            return {"ok": False, "error": str(result)}
+        self.problems.pop(f"{moat_id}.toml", None)
+        if self.apply(result, now) == "failed":
+            return {"ok": False, "error": "the portal could not install the SAs"}
+        log.info("moat %s registered from %s", moat_id, result.learned.address)
+        return {"ok": True, **answer_for(self.settings, result)}
+
     # --- sequence reservation -------------------------------------------------------
 
     def _read_reserved(self) -> dict[str, list[int]]:
@@ -545,26 +620,99 @@ class Portal:
 
 
 class PortalControl(ControlServer):
-    """The datapath loop's control socket, speaking portal/control.py."""
+    """The datapath loop's control socket, speaking portal/control.py.
+
+    Root may ask anything; the ssh user (sshd's forced command) may only
+    register. Registrations waiting together are answered as one batch.
+    """
 
     def __init__(self, path: str, portal: Portal) -> None:
         super().__init__(path, portal.status)
         self.portal = portal
+        self.sock.listen(CONTROL_BACKLOG)
+        self.ssh_uid = _open_to_ssh_user(path, portal.settings.ssh_user)
 
     timeout = CLIENT_TIMEOUT
 
-    def respond(self, conn: socket.socket) -> None:
-        data = b""
-        while b"\n" not in data and len(data) < MAX_LINE:
-            chunk = conn.recv(65536)
-            if not chunk:
+    def serve_one(self) -> None:
+        """Answer every connection waiting now; never raises OSError."""
+        waiting: list[tuple[socket.socket, dict[str, Any]]] = []
+        for _ in range(REGISTRATION_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
                 break
-            data += chunk
-        answer = handle(self.portal, data.split(b"\n", 1)[0])
-        conn.sendall(json.dumps(answer).encode() + b"\n")
+            try:
+                conn.settimeout(self.timeout)
+                line = _read_line(conn)
+                uid = _peer_uid(conn)
+                privileged = uid == ROOT_UID
+                req = _registration(line) if privileged or uid == self.ssh_uid else None
+                if req is not None:
+                    waiting.append((conn, req))
+                    continue
+                _answer(conn, handle(self.portal, line, privileged))
+            except OSError as exc:
+                log.debug("control connection failed: %s", exc)
+            conn.close()
+        if not waiting:
+            return
+        answers = self.portal.register_many(
+            [req for _, req in waiting], time.monotonic()
+        )
+        for (conn, _), answer in zip(waiting, answers, strict=True):
+            try:
+                _answer(conn, answer)
+            except OSError as exc:
+                log.debug("moat %s left before its answer: %s", answer, exc)
+            conn.close()
 
 
-def handle(portal: Portal, line: bytes) -> dict[str, Any]:
+def _read_line(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data and len(data) < MAX_LINE:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def _answer(conn: socket.socket, answer: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    return int(PEERCRED.unpack(creds)[1])
+
+
+def _registration(line: bytes) -> dict[str, Any] | None:
+    """The request if it is a `register`."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return None
+    return req if isinstance(req, dict) and req.get("op") == "register" else None
+
+
+def _open_to_ssh_user(path: str, user: str) -> int | None:
+    """Let the ssh user's forced command connect: root:<its group> 0660."""
+    if user == "root":
+        return ROOT_UID
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        log.warning("ssh user %s does not exist: registrations refused", user)
+        return None
+    os.chown(path, ROOT_UID, entry.pw_gid)
+    os.chmod(path, 0o660)
+    log.info("control socket open to %s (gid %d) for registrations", user, entry.pw_gid)
+    return entry.pw_uid
+
+
+def handle(portal: Portal, line: bytes, privileged: bool = True) -> dict[str, Any]:
+    """One control request; only root (`privileged`) may do more than ping."""
     try:
         req = json.loads(line)
     except ValueError:
@@ -574,6 +722,8 @@ def handle(portal: Portal, line: bytes) -> dict[str, Any]:
     op = req.get("op")
     if op == "ping":
         return {"ok": True}
+    if not privileged:
+        return {"ok": False, "error": f"op {op!r} not allowed"}
     if op == "status":
         return {"ok": True, **portal.status(bool(req.get("verbose")))}
     if op == "reload":
@@ -581,6 +731,9 @@ def handle(portal: Portal, line: bytes) -> dict[str, Any]:
         if not isinstance(moat_id, str):
             return {"ok": False, "error": "reload needs an id"}
         return {"ok": True, "result": portal.reload(moat_id, time.monotonic())}
+    if op == "register":
+        answer: dict[str, Any] = portal.register_many([req], time.monotonic())[0]
+        return answer
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 

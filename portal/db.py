@@ -2,7 +2,9 @@
 
     DB/portal.toml        portal settings (portal/settings.py)
     DB/moats/<id>.toml    one record per moat (portal/record.py), mode 0600
-    DB/keys/<sha256>      "id type base64" for the ssh key lookup, mode 0644
+    DB/keys/<fingerprint> "id type base64" for the ssh key lookup, mode 0644;
+                          named by the key's SHA256 fingerprint as sshd's %f
+                          prints it, without "SHA256:" and with "/" as "_"
     DB/.index.json        cache of parsed records, keyed by file identity
     DB/.lock              byte-range locks: one byte per id hash, byte 0 for
                           allocation (numbers, subnets)
@@ -22,8 +24,8 @@ subnet, same static address), are reported as problems and skipped.
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -31,12 +33,12 @@ import logging
 import os
 import tomllib
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moat.durable import atomic_write, fsync_dir
+from moat.durable import atomic_write, atomic_write_many, fsync_dir
 from moat.errors import MoatError
 from portal.record import (
     WILD_DHCP,
@@ -76,8 +78,14 @@ class Snapshot:
     problems: dict[str, str] = field(default_factory=dict)
 
 
-def key_digest(blob_b64: str) -> str:
-    return hashlib.sha256(blob_b64.encode()).hexdigest()
+def key_file_name(blob_b64: str) -> str | None:
+    """keys/ file name for a base64 key blob (sshd's %k); None if not base64."""
+    try:
+        blob = base64.b64decode(blob_b64, validate=True)
+    except ValueError:
+        return None
+    fingerprint = base64.b64encode(hashlib.sha256(blob).digest()).rstrip(b"=")
+    return fingerprint.decode().replace("/", "_")
 
 
 def record_conflict(rec: MoatRecord, others: Iterable[MoatRecord]) -> str | None:
@@ -166,8 +174,18 @@ class Database:
         finally:
             os.close(fd)  # releases the lock
 
+    @contextlib.contextmanager
+    def _lock_many(self, offsets: Iterable[int]) -> Iterator[None]:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            for offset in sorted(set(offsets)):  # one order: no deadlock
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+            yield
+        finally:
+            os.close(fd)  # releases every lock
+
     def lock_id(self, moat_id: str) -> contextlib.AbstractContextManager[None]:
-        return self._lock(1 + zlib.crc32(moat_id.encode()) % (LOCK_BYTES - 1))
+        return self._lock(_id_lock_offset(moat_id))
 
     def lock_allocation(self) -> contextlib.AbstractContextManager[None]:
         return self._lock(ALLOCATION_LOCK)
@@ -187,10 +205,16 @@ class Database:
 
     def _write_key(self, rec: MoatRecord) -> None:
         line = f"{rec.id} {rec.ssh_key}\n".encode()
-        atomic_write(self.keys_dir / key_digest(rec.key_blob), line, mode=0o644)
+        atomic_write(self._key_path(rec), line, mode=0o644)
+
+    def _key_path(self, rec: MoatRecord) -> Path:
+        name = key_file_name(rec.key_blob)
+        if name is None:
+            raise RecordError(f"{rec.id}.toml", "ssh_key", "not base64")
+        return self.keys_dir / name
 
     def _remove_key(self, rec: MoatRecord) -> None:
-        path = self.keys_dir / key_digest(rec.key_blob)
+        path = self._key_path(rec)
         with contextlib.suppress(FileNotFoundError):
             if path.read_text().split()[0] == rec.id:
                 path.unlink()
@@ -222,6 +246,34 @@ class Database:
                 self._write_key(new)
         return new
 
+    def modify_many(
+        self, ids: Iterable[str], change: Callable[[MoatRecord], MoatRecord]
+    ) -> dict[str, MoatRecord | MoatError]:
+        """Read, change and write several records under their locks at once.
+
+        Each record is read under its id's lock (so no concurrent update can
+        slip in), `change` gives the new record (or raises MoatError: that
+        moat's result), and every new record is written in one group commit
+        with its version advanced. The ssh key must not change here.
+        """
+        wanted = list(dict.fromkeys(ids))
+        results: dict[str, MoatRecord | MoatError] = {}
+        with self._lock_many(_id_lock_offset(i) for i in wanted):
+            for moat_id in wanted:
+                try:
+                    current = self.get(moat_id)
+                    new = change(current)
+                    if new.id != moat_id or new.ssh_key != current.ssh_key:
+                        raise MoatError(f"moat {moat_id}: id or key may not change")
+                    results[moat_id] = new.replace(version=current.version + 1)
+                except MoatError as exc:
+                    results[moat_id] = exc
+            written = [r for r in results.values() if isinstance(r, MoatRecord)]
+            atomic_write_many(
+                [(self.path(r.id), record_to_toml(r).encode(), 0o600) for r in written]
+            )
+        return results
+
     def remove(self, moat_id: str) -> MoatRecord:
         with self.lock_id(moat_id):
             current = self.get(moat_id)
@@ -233,14 +285,13 @@ class Database:
 
     def id_for_key(self, blob_b64: str) -> str | None:
         """The moat whose ssh key blob is `blob_b64` (sshd's %k), if any."""
+        name = key_file_name(blob_b64)
+        if name is None:
+            return None
         try:
-            text = (self.keys_dir / key_digest(blob_b64)).read_text()
+            text = (self.keys_dir / name).read_text()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                return None
-            raise
         parts = text.split()
         if len(parts) != 3 or parts[2] != blob_b64:
             return None
@@ -322,6 +373,10 @@ class Database:
             atomic_write(self.index_path, data, mode=0o600)
         except OSError as exc:  # a cache: never fatal
             log.warning("could not write %s: %s", self.index_path, exc)
+
+
+def _id_lock_offset(moat_id: str) -> int:
+    return 1 + zlib.crc32(moat_id.encode()) % (LOCK_BYTES - 1)
 
 
 def parse_record_file(name: str, data: bytes) -> MoatRecord:

@@ -111,6 +111,7 @@ def moat_config(settings: PortalSettings, rec: MoatRecord) -> str:
             f'portal = "{settings.registration_host}"',
             f"port = {settings.ssh_port}",
             f'user = "{settings.ssh_user}"',
+            f'kex = "{settings.ssh_kex}"',
             "# paths relative to this file's directory",
             f'identity = "{IDENTITY_FILE}"',
             f'known_hosts = "{KNOWN_HOSTS_FILE}"',

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,9 @@ TUNNEL_REKEY_GRACE = 2.0
 STATUS_POLL = 5.0  # seconds between looks at the running tunnel's status
 NO_ANSWER_AFTER = 60.0  # sending, but nothing from the portal for this long
 EARLY_MIN_INTERVAL = 10.0  # seconds between two early (status-driven) registrations
+# curve25519 first: ~20 ms of CPU per registration instead of ~140 ms
+DEFAULT_KEX = "curve25519-sha256,sntrup761x25519-sha512@openssh.com"
+KEX_PATTERN = re.compile(r"[a-z0-9@.-]+(,[a-z0-9@.-]+)*\Z")
 MOAT_ARGV = (
     [sys.executable, "-m", "moat"]
     if not getattr(sys, "frozen", False)
@@ -88,6 +92,7 @@ class MoatConfig:
     tun: str
     tunnel_control: Path
     rekey_packets: int = 0  # 0: the SA's own soft limit
+    kex: str = DEFAULT_KEX
 
 
 def load_config(path: str | Path) -> MoatConfig:
@@ -107,6 +112,12 @@ def load_config(path: str | Path) -> MoatConfig:
         value = reg.get(key, default)
         if not isinstance(value, str) or not value:
             raise ConfigError(str(path), f"register.{key}", "must be a string")
+        return value
+
+    def kex() -> str:
+        value = text("kex", DEFAULT_KEX)
+        if not KEX_PATTERN.match(value):
+            raise ConfigError(str(path), "register.kex", "algorithm names, commas")
         return value
 
     def number(key: str, default: int) -> int:
@@ -139,6 +150,7 @@ def load_config(path: str | Path) -> MoatConfig:
         tun=text("tun", "moat0"),
         tunnel_control=base / text("tunnel_control", "tunnel.sock"),
         rekey_packets=rekey_packets,
+        kex=kex(),
     )
 
 
@@ -158,6 +170,7 @@ def ssh_argv(cfg: MoatConfig, generation: int | None) -> list[str]:
         "-o", f"UserKnownHostsFile={cfg.known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "UpdateHostKeys=no",
+        "-o", f"KexAlgorithms={cfg.kex}",  # the portal's order (portal.toml)
         "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
         "-o", "ServerAliveInterval=10",
         "-o", "ServerAliveCountMax=3",

@@ -1,17 +1,21 @@
-"""The registration session: what sshd runs when a moat logs in.
+"""The registration: what happens when a moat logs in over ssh.
 
 sshd authenticates the moat by its key (the AuthorizedKeysCommand finds the
 key in the database and answers with a `restrict,command=...` line naming the
-moat), then runs this as the forced command. The moat's address comes from
-SSH_CONNECTION, which sshd sets from the TCP connection; what the moat asked
-for (SSH_ORIGINAL_COMMAND) is data, checked against an allow-list, never
-passed to a shell. Nothing the moat says can change its subnet or address.
+moat), then runs the forced command (portal/forced_command.py), which hands
+the moat id, SSH_CONNECTION and SSH_ORIGINAL_COMMAND to the portal daemon.
+The moat's address comes from SSH_CONNECTION, which sshd sets from the TCP
+connection; what the moat asked for (SSH_ORIGINAL_COMMAND) is data, checked
+against an allow-list, never passed to a shell. Nothing the moat says can
+change its subnet or address.
 
-The session generates the next SA generation (fresh random keys from the
+A registration generates the next SA generation (fresh random keys from the
 portal, SPIs derived from the moat's number so they are unique portal-wide),
-keeps the previous generation for make-before-break, writes the record by
-compare-and-swap, tells the running portal daemon, and prints the answer:
-one JSON document with the SAs and the portal's tunnel endpoint.
+keeps the previous generation for make-before-break and writes the record
+(version advanced under the moat's lock); the answer is one JSON document
+with the SAs and the portal's tunnel endpoint. The daemon registers many
+moats in one group commit (`Database.modify_many`); `register` and
+`run_session` do one moat by compare-and-swap, without the daemon.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from moat.errors import MoatError
 from portal import control
 from portal.db import Database, StaleRecord
 from portal.record import (
+    ID_PATTERN,
     TRANSFORM_KEY_BYTES,
     WILD_DHCP,
     Learned,
@@ -69,6 +74,15 @@ class Origin:
     port: int
 
 
+@dataclass(frozen=True)
+class Login:
+    """One registration as the forced command handed it to the daemon."""
+
+    moat_id: str
+    origin: Origin
+    request: Request
+
+
 def parse_command(text: str | None) -> Request:
     """SSH_ORIGINAL_COMMAND as data: `register [key=value ...]`, allow-listed."""
     if text is None or not text.strip():
@@ -107,6 +121,18 @@ def parse_ssh_connection(text: str | None) -> Origin:
     except ValueError:
         raise Refused("SSH_CONNECTION not understood (IPv4 only)") from None
     return Origin(address, port)
+
+
+def parse_login(req: dict[str, Any]) -> Login:
+    """The daemon's `register` request: id, ssh_connection, command."""
+    moat_id = req.get("id")
+    if not isinstance(moat_id, str) or not ID_PATTERN.match(moat_id):
+        raise Refused("no valid moat id")
+    command, connection = req.get("command"), req.get("ssh_connection")
+    if not isinstance(command, str | None) or not isinstance(connection, str | None):
+        raise Refused("malformed request")
+    request = parse_command(command)
+    return Login(moat_id, parse_ssh_connection(connection), request)
 
 
 def next_sa(rec: MoatRecord, transform: str) -> SaPair:
@@ -158,24 +184,31 @@ def register(
     """Record the moat's address and its next SA generation (CAS, retried)."""
     for _ in range(CAS_ATTEMPTS):
         rec = db.get(moat_id)
-        if rec.wild != WILD_DHCP and str(origin.address) != rec.wild:
-            raise Refused(
-                f"moat {moat_id} has the static address {rec.wild},"
-                f" but registered from {origin.address}"
-            )
-        port = rec.learned.port if rec.learned.address == origin.address else None
-        new = rec.replace(
-            learned=Learned(
-                address=origin.address, port=port or settings.port, registered=now
-            ),
-            sa=next_sa(rec, settings.transform),
-            sa_previous=rec.sa,
-        )
+        new = registered(rec, settings, origin, now)
         try:
             return db.update(new, base_version=rec.version)
         except StaleRecord:
             continue
     raise Refused("the record is busy; try again")
+
+
+def registered(
+    rec: MoatRecord, settings: PortalSettings, origin: Origin, now: dt.datetime
+) -> MoatRecord:
+    """`rec` after a registration from `origin` (version not yet advanced)."""
+    if rec.wild != WILD_DHCP and str(origin.address) != rec.wild:
+        raise Refused(
+            f"moat {rec.id} has the static address {rec.wild},"
+            f" but registered from {origin.address}"
+        )
+    port = rec.learned.port if rec.learned.address == origin.address else None
+    return rec.replace(
+        learned=Learned(
+            address=origin.address, port=port or settings.port, registered=now
+        ),
+        sa=next_sa(rec, settings.transform),
+        sa_previous=rec.sa,
+    )
 
 
 def notify_daemon(settings: PortalSettings, moat_id: str) -> bool:

@@ -3,6 +3,11 @@
 sshd demands that its AuthorizedKeysCommand and every directory above it be
 root-owned and not writable by group or others, which rules out /tmp; the
 site therefore lives in a fresh directory under /run, removed afterwards.
+
+Moats log in as the dedicated account SSH_USER (created here if missing, as a
+portal's installation would: a system user with /bin/sh and no password),
+whose forced command talks to the daemon; root's shell start-up files (which
+sshd runs before every command) play no part.
 """
 
 from __future__ import annotations
@@ -13,11 +18,29 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from netns import Host, wait_for
 
 SSHD = "/usr/sbin/sshd"
 SSH_PORT = 2222
+SSH_USER = "moat"
+
+
+def ensure_ssh_user(name: str = SSH_USER) -> None:
+    """The registration account: /bin/sh, home /, no password ('*')."""
+
+    def exists() -> bool:
+        if subprocess.run(["id", "-u", name], capture_output=True).returncode == 0:
+            return True
+        subprocess.run(
+            ["useradd", "--system", "--shell", "/bin/sh", "--home-dir", "/",
+             "--no-create-home", "--password", "*", name],
+            capture_output=True,
+        )  # fmt: skip
+        return False  # checked again: another test may have held the lock
+
+    wait_for(exists, timeout=30, interval=0.2)
 
 
 def moat_argv(*args: str) -> list[str]:
@@ -42,6 +65,7 @@ class PortalSite:
         self.bundles = self.dir / "bundles"
         self.keys_command = self.dir / "authorized-keys"
         self.control = self.dir / "portal.sock"
+        ensure_ssh_user()
         subprocess.run(
             [
                 "ssh-keygen",
@@ -58,7 +82,7 @@ class PortalSite:
         nets = [a for n in networks for a in ("--network", n)]
         self.moat("init", "--endpoint", address, "--pool", pool,
                   "--prefix", str(prefix), "--host-key", str(self.dir / "hostkey.pub"),
-                  "--ssh-port", str(SSH_PORT), "--ssh-user", "root",
+                  "--ssh-port", str(SSH_PORT), "--ssh-user", SSH_USER,
                   "--control", str(self.control), *nets)  # fmt: skip
         lines = self.moat("sshd-config", "--keys-command", str(self.keys_command),
                           "--keys-user", "nobody").splitlines()  # fmt: skip
@@ -95,6 +119,20 @@ class PortalSite:
         self.moat("add", moat_id, "--email", f"{moat_id}@example.com",
                   "--out", str(out), "--no-mail", *extra)  # fmt: skip
         return out
+
+    def start_daemon(self, log: Path, **kw: Any) -> subprocess.Popen[bytes]:
+        """`moat portal run`, once its control socket is open to the ssh user."""
+        proc = self.host.popen(
+            *moat_argv("portal", "--db", str(self.db), "run"),
+            stdout=log.open("a"), stderr=subprocess.STDOUT, **kw,
+        )  # fmt: skip
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return self.control.exists() and self.control.stat().st_mode & 0o060 != 0
+
+        wait_for(ready, timeout=60)
+        return proc
 
     def close(self) -> None:
         if self.sshd.poll() is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from netns import Host, Lab
-from portal_lab import SSH_PORT, PortalSite, moat_argv
+from portal_lab import SSH_PORT, SSH_USER, PortalSite, moat_argv
 
 from datapath import config as tunnel_config
 from portal.db import Database
@@ -56,13 +56,23 @@ def test_registration_and_refusals(
 
     # the key lookup script and the Python lookup agree, run as nobody
     blob = (m1 / "id_ed25519.pub").read_text().split()[1]
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(m1 / "id_ed25519.pub")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()[1]  # fmt: skip
     script = subprocess.run(
         ["su", "-s", "/bin/sh", "nobody", "-c",
-         f"{s.keys_command} root ssh-ed25519 {blob}"],
+         f"{s.keys_command} {SSH_USER} ssh-ed25519 {blob} {fingerprint}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    python = s.moat("authorized-keys", "root", "ssh-ed25519", blob)
+    python = s.moat("authorized-keys", SSH_USER, "ssh-ed25519", blob)
     assert script == python and "--id m1" in script and script.startswith("restrict,")
+
+    # without the daemon the moat is told to come back later, nothing changes
+    res = register(moat, m1)
+    assert res.returncode != 0 and "daemon is not running" in res.stderr
+    assert db.get("m1").sa is None
+    daemon = s.start_daemon(tmp_path / "portal.log")
 
     # registration: address from the connection, keys in the answer
     t0 = time.monotonic()
@@ -142,3 +152,10 @@ def test_registration_and_refusals(
     )
     res = register(moat, m2)
     assert res.returncode != 0 and "Host key verification failed" in res.stderr
+
+    # the daemon installed what the moats were told
+    status = json.loads(s.moat("status"))
+    assert status["counters"]["registered"] >= 3  # m1 (twice and more), m2
+    assert status["ready"] == 2 and "m3.toml" in status["problems"]
+    daemon.terminate()
+    assert daemon.wait(20) == 0
