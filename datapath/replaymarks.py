@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -63,9 +64,16 @@ def mark_key_for(spi: int, key: bytes, auth_key: bytes = b"") -> str:
     return f"{spi:08x}-{digest.hexdigest()[:16]}"
 
 
+_KEYS: weakref.WeakKeyDictionary[InboundSA, str] = weakref.WeakKeyDictionary()
+
+
 def mark_key(sa: InboundSA) -> str:
-    cfg = sa.cfg
-    return mark_key_for(cfg.spi, cfg.key, cfg.auth_key)
+    """mark_key_for an SA, hashed once per SA (`due` asks every second)."""
+    key = _KEYS.get(sa)
+    if key is None:
+        cfg = sa.cfg
+        key = _KEYS[sa] = mark_key_for(cfg.spi, cfg.key, cfg.auth_key)
+    return key
 
 
 class ReplayMarks:
