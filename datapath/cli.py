@@ -181,6 +181,7 @@ class Tunnel:
                 )
             if self.marks is not None:
                 self.marks.restore(self.peer.in_sa)
+                self.marks.begin(time.monotonic())
             self.dp.add_peer(self.peer, time.monotonic())
             control = ControlServer(cfg.control_socket, self.status)
             loop = EventLoop(
@@ -253,7 +254,7 @@ class Tunnel:
             if self.seqs is not None and new.sa_out != self.cfg.sa_out:
                 self.seqs.attach(out_sa)
             if self.marks is not None:
-                self.marks.restore(in_sa)
+                self.marks.restore(in_sa, inherited=False)
         except MoatError as exc:
             log.error("reload failed, keeping the running SAs: %s", exc)
             return

@@ -7,7 +7,7 @@ receiver keeps a high-water mark per inbound SA, the highest sequence
 number that passed the ICV, and all marks are saved together in one file
 (moat.durable.atomic_write: temp + fsync + rename + fsync of the directory):
 
-    {"saved": <unix time>,
+    {"saved": <unix time>, "running": true,
      "exact": {"<spi hex>-<key fingerprint>": <highest sequence number>},
      "open":  {...the same, for SAs that were still receiving}}
 
@@ -28,7 +28,12 @@ the datapath's fastest rate (well under 2^17 packets a second): every
 packet accepted before the crash is left of or on the edge. Everything at
 or below the edge counts as seen (ReplayWindow.restore), so none of it is
 accepted again; the peer's own packets flow again once it passes the edge,
-or at once after it sets up new SAs (a new SA has no mark).
+or at once after it sets up new SAs. An SA that was installed before a
+crash but has no mark yet (it received less than SAVE_PACKETS in its first
+seconds) restarts at RESTORE_MARGIN: `begin` marks the file "running" at
+start, so a missing clean stop is seen; the owner says which SAs are
+inherited from before the restart (`restore(sa, inherited=...)`), SAs set
+up after it start empty.
 
 Keys of the file carry a hash of the SA's keys, never the keys: a reused
 SPI with new keys starts with an empty window.
@@ -86,6 +91,7 @@ class ReplayMarks:
         self.marks: dict[str, tuple[int, bool]] = {}
         self.saved: dict[str, int] = {}  # key -> mark in the file
         self.last_save = 0.0
+        self.unclean = False  # the previous run did not stop cleanly
         self.counters: dict[str, int] = {
             "saves": 0, "restored": 0, "restored_with_margin": 0, "save_errors": 0,
         }  # fmt: skip
@@ -104,6 +110,7 @@ class ReplayMarks:
         if not isinstance(doc, dict):
             log.warning("replay marks %s: not a marks file; ignored", self.path)
             return
+        self.unclean = doc.get("running") is not False
         for section, exact in (("open", False), ("exact", True)):
             marks = doc.get(section)
             if not isinstance(marks, dict):
@@ -118,11 +125,18 @@ class ReplayMarks:
             len(self.marks), self.path, inexact, self.margin,
         )  # fmt: skip
 
-    def restore(self, sa: InboundSA) -> bool:
-        """Set a new SA's window from its mark; False if it has none."""
+    def begin(self, now: float) -> None:
+        """The datapath starts: until `save(clean=True)` the file says so."""
+        self.save((), now)
+
+    def restore(self, sa: InboundSA, inherited: bool = True) -> bool:
+        """Set the window of an SA being installed from its mark; False if it
+        has none. `inherited`: the SA may have received before the restart."""
         entry = self.marks.get(mark_key(sa))
         if entry is None:
-            return False
+            if not (inherited and self.unclean):
+                return False
+            entry = (0, False)  # may have received up to SAVE_PACKETS unsaved
         mark, exact = entry
         limit = ESN_SEQ_MAX if sa.cfg.esn else SEQ_LO_MASK
         edge = min(mark if exact else mark + self.margin, limit)
@@ -168,7 +182,12 @@ class ReplayMarks:
             self.marks[mark_key(sa)] = (sa.replay.top, clean)
         exact = {k: m for k, (m, e) in self.marks.items() if e}
         open_ = {k: m for k, (m, e) in self.marks.items() if not e}
-        doc = {"saved": round(time.time(), 3), "exact": exact, "open": open_}
+        doc = {
+            "saved": round(time.time(), 3),
+            "running": not clean,
+            "exact": exact,
+            "open": open_,
+        }
         try:
             atomic_write(self.path, json.dumps(doc).encode(), 0o600)
         except OSError as exc:

@@ -109,6 +109,7 @@ class MoatState:
     record: MoatRecord
     up: bool = False
     problem: str = ""
+    inherited: SaPair | None = None  # its SA at start: used before a restart
 
 
 def _inbound(sa: SaPair, rec: MoatRecord, networks: list[IPv4Network]) -> InboundSA:
@@ -238,10 +239,12 @@ class Portal:
             self.problems = dict(snap.problems)
             for rec in snap.records.values():
                 self._track(rec)
+                self.moats[rec.id].inherited = rec.sa
         finally:
             if collecting:
                 gc.enable()
         gc.freeze()
+        self.marks.begin(now)
         self.load_seconds = time.monotonic() - start
 
     def _track(self, rec: MoatRecord) -> None:
@@ -312,7 +315,9 @@ class Portal:
     def _inbound_sa(self, sa: SaPair, rec: MoatRecord) -> InboundSA:
         """The inbound SA, its replay window restarted from its saved mark."""
         in_sa = _inbound(sa, rec, self.networks)
-        self.marks.restore(in_sa)
+        state = self.moats.get(rec.id)
+        inherited = state is not None and state.inherited == sa
+        self.marks.restore(in_sa, inherited)
         return in_sa
 
     def _activate_address(self, dst: bytes, now: float) -> None:

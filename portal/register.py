@@ -17,10 +17,11 @@ tunnel's status from its control socket and registers early when an SA
 nears its sequence-number limit (the outbound SA's `needs_rekey`, set by
 its soft limit or `[register] rekey_packets`; the inbound SA past the soft
 limit of its sequence space) or when nothing came from the portal for
-NO_ANSWER_AFTER seconds while the moat kept sending (the portal lost the
-SA's state: a crash, a restore). Registration is make-before-break: the
-tunnel keeps the old SAs until the new ones carry traffic. Failures are
-retried with exponential backoff and jitter.
+`no_answer_after` seconds (default 30, doubling while it does not help)
+while the moat kept sending (the portal lost the SA's state: a crash, a
+restore). Registration is make-before-break: the tunnel keeps the old SAs
+until the new ones carry traffic. Failures are retried with exponential
+backoff and jitter.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ DEFAULT_INTERVAL = 3600
 PROTOCOL_VERSION = 1
 TUNNEL_REKEY_GRACE = 2.0
 STATUS_POLL = 5.0  # seconds between looks at the running tunnel's status
-NO_ANSWER_AFTER = 60.0  # sending, but nothing from the portal for this long
+NO_ANSWER_AFTER = 30.0  # sending, but nothing from the portal for this long
 EARLY_MIN_INTERVAL = 10.0  # seconds between two early (status-driven) registrations
 # curve25519 first: ~20 ms of CPU per registration instead of ~140 ms
 DEFAULT_KEX = "curve25519-sha256,sntrup761x25519-sha512@openssh.com"
@@ -93,6 +94,7 @@ class MoatConfig:
     tunnel_control: Path
     rekey_packets: int = 0  # 0: the SA's own soft limit
     kex: str = DEFAULT_KEX
+    no_answer_after: int = int(NO_ANSWER_AFTER)
 
 
 def load_config(path: str | Path) -> MoatConfig:
@@ -151,6 +153,7 @@ def load_config(path: str | Path) -> MoatConfig:
         tunnel_control=base / text("tunnel_control", "tunnel.sock"),
         rekey_packets=rekey_packets,
         kex=kex(),
+        no_answer_after=number("no_answer_after", int(NO_ANSWER_AFTER)),
     )
 
 
@@ -378,7 +381,7 @@ class TunnelWatch:
         # (tx_bytes, rx_packets) when the portal was last heard, and when
         self.heard: tuple[int, int, float] | None = None
         # silence that triggers a registration; doubles while it does not help
-        self.silence_limit = NO_ANSWER_AFTER
+        self.silence_limit = float(cfg.no_answer_after)
 
     def registered(self) -> None:
         self.heard = None  # new SAs: the clock starts again
@@ -400,7 +403,7 @@ class TunnelWatch:
         return reason
 
     def _silent(self, status: dict[str, Any], now: float) -> str | None:
-        """The moat kept sending for NO_ANSWER_AFTER s and nothing came back:
+        """The moat kept sending for `no_answer_after` s and nothing came back:
         the portal may have lost the SA's state (a crash, a restored backup)."""
         peers = list(status.get("peers", {}).values())
         if len(peers) != 1:
@@ -408,7 +411,7 @@ class TunnelWatch:
         tx, rx = int(peers[0].get("tx_bytes", 0)), int(peers[0].get("rx_packets", 0))
         if self.heard is None or rx != self.heard[1] or tx < self.heard[0]:
             if self.heard is not None and rx != self.heard[1]:
-                self.silence_limit = NO_ANSWER_AFTER  # the portal answers
+                self.silence_limit = float(self.cfg.no_answer_after)  # answered
             self.heard = (tx, rx, now)
             return None
         silent = now - self.heard[2]

@@ -252,6 +252,36 @@ def test_packets_from_before_a_restart_are_not_accepted_after_it(
     assert _delivered(again) == []
 
 
+def test_crash_before_the_first_save_and_new_sas_after_it(tmp_path: Path) -> None:
+    """An SA that received but had no mark saved yet when the portal crashed
+    restarts at the margin; SAs registered after the restart start empty."""
+    s = _settings(tmp_path)
+    db = _db(tmp_path, s, 1)
+    moat = Moat(db.get("m0"))
+    first = Portal(db, s)
+    first.load(0.0)
+    captured = [moat.packet(i) for i in range(10)]
+    for esp in captured:
+        first.dp.inbound(esp, MOAT_ADDR, 1.0)
+    assert len(_delivered(first)) == 10  # and then a crash, nothing saved
+
+    again = Portal(db, s)
+    again.load(0.0)
+    for esp in captured:
+        again.dp.inbound(esp, ("203.0.113.66", 4500), 2.0)
+    assert _delivered(again) == [] and again.dp.peers == {}
+    again.dp.inbound(moat.packet(10), MOAT_ADDR, 2.0)
+    assert _delivered(again) == []  # the moat too, until it registers again
+
+    # the moat registers again (new SAs): its packets flow at once
+    when = dt.datetime.now(dt.UTC)
+    register(db, s, "m0", Origin(ipaddress.IPv4Address(MOAT_ADDR[0]), 0), when)
+    again.reload("m0", 3.0)
+    fresh = Moat(db.get("m0"))
+    again.dp.inbound(fresh.packet(0), MOAT_ADDR, 3.1)
+    assert len(_delivered(again)) == 1
+
+
 def test_idle_peers_retired_and_rebuilt(tmp_path: Path) -> None:
     count = 60
     s = _settings(tmp_path, peer_idle=30)

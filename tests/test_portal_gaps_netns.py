@@ -12,6 +12,9 @@
    outbound SA past its soft limit: `moat register` sees `needs_rekey` in the
    tunnel's status, registers early (make-before-break) and the upload goes
    on without a reset or a long gap.
+   Then the portal is killed (no clean stop): its windows restart beyond
+   the saved marks, so the moat's packets are refused too until the moat,
+   hearing nothing back, registers again; the recovery time is printed.
 3. The moat side: `moat tunnel` with a state_dir, restarted with the same
    manual keys, refuses the ESP it had received before the restart.
 """
@@ -40,6 +43,7 @@ MOAT = "10.99.0.2"
 CORP = "10.10.0.1"
 LAN = "10.200.0.1"
 REKEY_PACKETS = 2000
+NO_ANSWER = 8  # seconds of silence before the moat registers again
 ENV = {**os.environ, "MOAT_LOG_LEVEL": "INFO"}
 
 RECEIVER = """\
@@ -145,6 +149,20 @@ def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+def settled(bundle: Path) -> bool:
+    """The moat's tunnel runs on SAs far from needing a rekey."""
+    res = subprocess.run(
+        moat_argv("tunnel", "--status", "--json", "--control",
+                  str(bundle / "tunnel.sock")),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if res.returncode != 0:
+        return False
+    peer = json.loads(res.stdout)["peers"]["portal"]
+    out = peer["out_sa"]
+    return not peer["pending_out_spi"] and out["seq"] < REKEY_PACKETS // 2
+
+
 def ping(moat: Host) -> bool:
     res = moat.run("ping", "-c1", "-W1", "-I", LAN, CORP, check=False, timeout=10)
     return res.returncode == 0
@@ -160,7 +178,10 @@ def test_replay_after_restart_and_early_rekey(
     config = bundle / "moat.toml"
     config.write_text(
         config.read_text().replace(
-            "[register]\n", f"[register]\nrekey_packets = {REKEY_PACKETS}\n", 1
+            "[register]\n",
+            f"[register]\nrekey_packets = {REKEY_PACKETS}\n"
+            f"no_answer_after = {NO_ANSWER}\n",
+            1,
         )
     )
     portal_log = tmp_path / "portal.log"
@@ -244,6 +265,25 @@ def test_replay_after_restart_and_early_rekey(
     assert result["bytes"] > 1_000_000
     assert result["max_gap"] < 1.0
     wait_for(lambda: ping(moat), timeout=30, interval=0.2)
+
+    # a crash: replays still refused, the moat recovers by registering again
+    # (first let the last early registration of the upload settle)
+    wait_for(lambda: settled(bundle), timeout=60, interval=0.5)
+    generation = db.get("m1").sa.generation  # type: ignore[union-attr]
+    daemon.kill()
+    daemon.wait(20)
+    t0 = time.monotonic()
+    daemon = start_portal(site, portal, portal_log)
+    wait_for(lambda: ping(moat), timeout=120, interval=0.2)
+    took = time.monotonic() - t0
+    st = status(site)
+    print(
+        f"portal crash: traffic back {took:.1f}s after the restart"
+        f" (no_answer_after={NO_ANSWER}s), replay marks {st['replay_marks']}"
+    )
+    assert db.get("m1").sa.generation > generation  # type: ignore[union-attr]
+    assert "no packet from the portal" in moat_log.read_text()
+    assert st["replay_marks"]["restored_with_margin"] >= 1  # type: ignore[index]
     daemon.terminate()
     daemon.wait(20)
 
