@@ -208,6 +208,7 @@ class Portal:
             "reloads": 0, "added": 0, "removed": 0, "rekeyed": 0, "failed": 0,
             "roamed": 0, "activated": 0, "retired": 0, "probes_built": 0,
             "probe_drops": 0, "probe_rate_limited": 0, "registered": 0,
+            "group_commits": 0,
         }  # fmt: skip
         self.sequence_path = db.root / SEQUENCE_FILE
         self.reserved: dict[str, list[int]] = self._read_reserved()
@@ -537,6 +538,7 @@ class Portal:
                     batch[login.moat_id], slots[login.moat_id] = login, i
                     del logins[i]
             results = self.db.modify_many(batch, self._registration(batch, wall))
+            self.counters["group_commits"] += 1
             for moat_id, i in slots.items():
                 answers[i] = self._registered(moat_id, results[moat_id], now)
         self.counters["registered"] += sum(1 for a in answers if a["ok"])

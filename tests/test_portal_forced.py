@@ -26,7 +26,8 @@ from portal import forced_command as fc
 from portal.daemon import Portal, PortalControl, handle
 from portal.db import Database, key_file_name
 from portal.provision import add_many, generate_identity
-from portal.record import normalise_ssh_key
+from portal.record import ID_PATTERN, normalise_ssh_key
+from portal.session import Refused, parse_login
 from portal.settings import FORCED_COMMAND, PortalSettings, settings_from_dict
 from portal.sshd import keys_script
 
@@ -353,3 +354,42 @@ def test_unix_socket_peer_is_root_here(control: Path) -> None:
         sock.connect(str(control))
         sock.sendall(b'{"op": "status"}\n')
         assert json.loads(sock.makefile().readline())["ok"] is True
+
+
+_FIELD = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=40),
+    st.sampled_from(
+        ["register", "register proto=1", "m1", "198.51.100.7 1 2.3.4.5 22"]
+    ),
+    st.lists(st.text(max_size=5), max_size=2),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(["op", "id", "command", "ssh_connection",
+                                        "subnet"]), _FIELD))  # fmt: skip
+def test_daemon_login_parser_only_refuses(req: dict[str, object]) -> None:
+    """Whatever reaches the daemon: a checked Login, or Refused."""
+    try:
+        login = parse_login(req)
+    except Refused:
+        return
+    assert ID_PATTERN.match(login.moat_id)
+    assert login.request.command == "register"
+    assert login.origin.address.version == 4
+
+
+def test_register_session_verb_is_the_same_client(
+    portal: tuple[Database, PortalSettings], tmp_path: Path
+) -> None:
+    """`moat portal register-session` (a slower forced command) behaves alike."""
+    db, _ = portal
+    res = subprocess.run(
+        [sys.executable, "-m", "moat", "portal", "--db", str(db.root),
+         "register-session", "--socket", str(tmp_path / "none.sock"), "--id", "m1"],
+        capture_output=True, env={**os.environ, "SSH_ORIGINAL_COMMAND": "register"},
+    )  # fmt: skip
+    assert res.returncode == fc.EXIT_TEMPFAIL
+    assert "not running" in json.loads(res.stdout)["error"]

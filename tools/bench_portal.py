@@ -45,7 +45,7 @@ sys.path.insert(0, str(TOP / "tests"))
 from netns import Host, Lab  # noqa: E402
 from portal_lab import SSH_USER, PortalSite  # noqa: E402
 
-from portal import forced_command  # noqa: E402
+from portal import control, forced_command  # noqa: E402
 from portal.daemon import Portal  # noqa: E402
 from portal.db import Database, key_file_name  # noqa: E402
 from portal.provision import generate_identity, moat_files, write_file_set  # noqa: E402
@@ -271,6 +271,7 @@ def bench_ssh(
         # start is the moat's cost, not the portal's)
         jobs.append([ssh_argv(cfg, None), {"PATH": os.environ["PATH"]}])
 
+    commits0 = control.request(settings.control, {"op": "status"})["counters"]
     sshd0 = cpu_seconds(site.sshd.pid)
     daemon0 = cpu_seconds(daemon_pid, children=False)
     box0 = box_busy_seconds()
@@ -283,6 +284,10 @@ def bench_ssh(
     daemon = cpu_seconds(daemon_pid, children=False) - daemon0
     ok = got["ok"]
     rate = ok / got["took"]
+    commits = control.request(settings.control, {"op": "status"})["counters"]
+    batch = (commits["registered"] - commits0["registered"]) / max(
+        1, commits["group_commits"] - commits0["group_commits"]
+    )
     print(f"  {ok}/{len(jobs)} registrations through sshd in {got['took']:.1f}s,"
           f" latency p50 {got['p50']:.2f}s p95 {got['p95']:.2f}s")  # fmt: skip
 
@@ -303,6 +308,7 @@ def bench_ssh(
             "whole_box": per(box),
             "others_on_the_box": per(box - sshd - got["cpu"] - daemon),
         },
+        "registrations_per_group_commit": round(batch, 2),
         "latency_p50_s": round(got["p50"], 2),
         "latency_p95_s": round(got["p95"], 2),
     }
