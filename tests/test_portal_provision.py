@@ -139,11 +139,28 @@ def test_import_export_moves_moats_between_portals(
 
     # a second portal takes the export: same ids, subnets and keys, no new keys
     other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    str(tmp_path / "hk2")], check=True)  # fmt: skip
     moat(moat_cmd, other, "init", "--endpoint", "192.0.2.2", "--pool", "10.201.0.0/16",
-         "--network", "10.10.0.0/16", "--host-key", str(tmp_path / "hk.pub"),
+         "--network", "10.10.0.0/16", "--host-key", str(tmp_path / "hk2.pub"),
     )  # fmt: skip
     (tmp_path / "export.csv").write_text(exported)
-    moat(moat_cmd, other, "import", str(tmp_path / "export.csv"), "--no-mail")
+    moved = tmp_path / "moved"
+    moat(moat_cmd, other, "import", str(tmp_path / "export.csv"), "--no-mail",
+         "--out", str(moved))  # fmt: skip
+    # each moved moat gets a fresh file set for the new portal: its address,
+    # its pinned host key; no private key (the moat keeps its own id_ed25519)
+    new_host_key = (tmp_path / "hk2.pub").read_text().split()[1]
+    for moat_id in ("alice", "bob", "carol"):
+        files = sorted(p.name for p in (moved / moat_id).iterdir())
+        assert files == ["id_ed25519.pub", "known_hosts", "moat.toml"]
+        conf = tomllib.loads((moved / moat_id / "moat.toml").read_text())
+        assert conf["register"]["portal"] == "192.0.2.2"
+        assert conf["register"]["identity"] == "id_ed25519"
+        pin = (moved / moat_id / "known_hosts").read_text()
+        assert new_host_key in pin and "192.0.2.2" in pin
+        old_pub = (tmp_path / "sets" / moat_id / "id_ed25519.pub").read_text()
+        assert (moved / moat_id / "id_ed25519.pub").read_text() == old_pub
     a = Database(portal_db).load_all().records
     b = Database(other).load_all().records
     assert sorted(a) == sorted(b) == ["alice", "bob", "carol"]
