@@ -1,9 +1,12 @@
 """The portal daemon's control socket: one JSON object per line, each way.
 
 Requests: {"op": "reload", "id": ID} (re-read one moat's record and apply
-it: add, change, re-key or remove that moat's tunnel only), {"op": "status"}
-and {"op": "ping"}. Answers: {"ok": true, ...} or {"ok": false, "error": ...}.
-The socket is a unix stream socket, mode 0600 (root only).
+it: add, change, re-key or remove that moat's tunnel only), {"op": "status"},
+{"op": "ping"} and {"op": "register", "id": ID, "ssh_connection": ...,
+"command": ...} (sshd's forced command, portal/forced_command.py). Answers:
+{"ok": true, ...} or {"ok": false, "error": ...}. The socket is a unix
+stream socket, root:<ssh user's group> 0660; only root may do more than
+register and ping (the daemon checks the peer's uid).
 """
 
 from __future__ import annotations

@@ -664,14 +664,19 @@ class PortalControl(ControlServer):
             conn.close()
         if not waiting:
             return
-        answers = self.portal.register_many(
-            [req for _, req in waiting], time.monotonic()
-        )
+        try:
+            answers = self.portal.register_many(
+                [req for _, req in waiting], time.monotonic()
+            )
+        except OSError as exc:  # the group commit failed: nothing was written
+            log.error("registrations not written: %s", exc)
+            error = {"ok": False, "error": "the portal could not write; try later"}
+            answers = [error] * len(waiting)
         for (conn, _), answer in zip(waiting, answers, strict=True):
             try:
                 _answer(conn, answer)
             except OSError as exc:
-                log.debug("moat %s left before its answer: %s", answer, exc)
+                log.debug("moat %s left before its answer: %s", answer.get("moat"), exc)
             conn.close()
 
 

@@ -27,8 +27,7 @@ moat ~20 ms of CPU per registration; sntrup761 (post-quantum hybrid) costs it
 recorded registrations, which carry SA keys, against a future quantum
 computer.
 
-The file holds no secret (the AuthorizedKeysCommand, which runs as an
-unprivileged user, reads it), so it is mode 0644.
+The file holds no secret, so it is mode 0644.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -281,8 +282,6 @@ def control(portal: tuple[Database, PortalSettings]) -> Iterator[Path]:
     stop = threading.Event()
 
     def serve() -> None:
-        import select
-
         while not stop.is_set():
             if select.select([server], [], [], 0.05)[0]:
                 server.serve_one()
@@ -393,3 +392,39 @@ def test_register_session_verb_is_the_same_client(
     )  # fmt: skip
     assert res.returncode == fc.EXIT_TEMPFAIL
     assert "not running" in json.loads(res.stdout)["error"]
+
+
+def test_failed_group_commit_answers_every_moat(
+    portal: tuple[Database, PortalSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, s = portal
+    p = Portal(db, s)
+    p.load(0.0)
+    before = db.get("m1")
+    server = PortalControl(s.control, p)
+
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(db, "modify_many", disk_full)
+    env = {b"SSH_ORIGINAL_COMMAND": b"register", b"SSH_CONNECTION": SSH_CONNECTION}
+    results: list[tuple[int, bytes]] = []
+    clients = [
+        threading.Thread(
+            target=lambda: results.append(
+                fc.main(["--socket", s.control, "--id", "m1"], env)
+            )
+        )
+        for _ in range(3)
+    ]
+    for t in clients:
+        t.start()
+    try:
+        while any(t.is_alive() for t in clients):
+            if select.select([server], [], [], 0.05)[0]:
+                server.serve_one()
+    finally:
+        server.close()
+    assert [r[0] for r in results] == [fc.EXIT_REFUSED] * 3
+    assert all("could not write" in json.loads(r[1])["error"] for r in results)
+    assert db.get("m1") == before
