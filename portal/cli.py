@@ -391,12 +391,13 @@ def cmd_authorized_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_sshd_config(args: argparse.Namespace) -> int:
-    from portal.settings import load_settings
     from portal.sshd import sshd_config_lines, write_keys_script
 
-    settings = load_settings(args.db)
+    db, settings = _open(args)
     keys_command = Path(args.keys_command)
     write_keys_script(settings, Path(args.db), keys_command)
+    count = db.rebuild_keys()  # the script's file names (older layouts differ)
+    print(f"# {count} moat keys in {db.keys_dir}", file=sys.stderr)
     print("\n".join(sshd_config_lines(settings, keys_command, args.keys_user)))
     return 0
 

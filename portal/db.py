@@ -283,6 +283,25 @@ class Database:
         log.info("moat %s removed", moat_id)
         return current
 
+    def rebuild_keys(self) -> int:
+        """Rewrite keys/ from the valid records (and drop any other file there:
+        older layouts, removed moats); returns how many keys it holds."""
+        records = self.load_all(write_index=False).records.values()
+        wanted = {self._key_path(rec).name: rec for rec in records}
+        for entry in os.scandir(self.keys_dir):
+            if entry.name not in wanted:
+                os.unlink(entry.path)
+        for name, rec in wanted.items():
+            line = f"{rec.id} {rec.ssh_key}\n".encode()
+            try:
+                if (self.keys_dir / name).read_bytes() == line:
+                    continue
+            except FileNotFoundError:
+                pass
+            self._write_key(rec)
+        fsync_dir(self.keys_dir)
+        return len(wanted)
+
     def id_for_key(self, blob_b64: str) -> str | None:
         """The moat whose ssh key blob is `blob_b64` (sshd's %k), if any."""
         name = key_file_name(blob_b64)

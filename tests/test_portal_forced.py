@@ -428,3 +428,21 @@ def test_failed_group_commit_answers_every_moat(
     assert [r[0] for r in results] == [fc.EXIT_REFUSED] * 3
     assert all("could not write" in json.loads(r[1])["error"] for r in results)
     assert db.get("m1") == before
+
+
+def test_rebuild_keys_moves_older_layouts(
+    portal: tuple[Database, PortalSettings],
+) -> None:
+    """keys/ named by the SHA-256 of the base64 text (the older layout) is
+    rewritten under fingerprints by `sshd-config` (Database.rebuild_keys)."""
+    db, _ = portal
+    blob = db.get("m1").key_blob
+    current = db.keys_dir / str(key_file_name(blob))
+    old = db.keys_dir / hashlib.sha256(blob.encode()).hexdigest()
+    current.rename(old)
+    assert db.id_for_key(blob) is None
+    assert db.rebuild_keys() == 2
+    assert not old.exists() and db.id_for_key(blob) == "m1"
+    assert sorted(p.name for p in db.keys_dir.iterdir()) == sorted(
+        str(key_file_name(db.get(m).key_blob)) for m in ("m1", "m2")
+    )
