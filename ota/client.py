@@ -437,9 +437,11 @@ class Installer:
         assert source.fetcher is not None or source.bundle is None
         fetcher = source.fetcher or self._http_fetcher()
         if source.bundle is not None:
-            self._verify_digests(
-                cand, self._hash_stream(fetcher, cand, algs), "image in bundle"
-            )
+            try:
+                digests = self._hash_stream(fetcher, cand, algs)
+            except (tuf_exc.DownloadError, OSError) as exc:
+                raise OtaRefused(f"refused: image unreadable in bundle: {exc}") from exc
+            self._verify_digests(cand, digests, "image in bundle")
             self.say(f"image {cand.name} in bundle matches its signed hashes")
 
         # stream into the idle slot
