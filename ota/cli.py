@@ -24,7 +24,8 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 from moat.errors import MoatError
 from ota import bootenv
-from ota.client import BundleFetcher, Installer, OtaConfig, Source
+from ota.client import BundleFetcher, Installer, Source
+from ota.config import OtaConfig
 from ota.repository import (
     DEFAULT_EXPIRY,
     TOP_ROLES,

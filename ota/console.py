@@ -38,7 +38,8 @@ from typing import Any, TextIO
 from moat.durable import atomic_write
 from moat.errors import MoatError
 from ota import bootenv
-from ota.client import Installer, OtaConfig, OtaRefused, Source
+from ota.client import Installer, OtaRefused, Source
+from ota.config import OtaConfig
 
 log = logging.getLogger(__name__)
 

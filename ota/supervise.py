@@ -13,6 +13,10 @@ moat.toml on the box:
 the portal; the hook marks the slot good or reboots. `on_timeout` gives up at
 once on a slot on trial: the supervisor already waited ready_timeout. Both
 also report, at the first call, a fall-back GRUB made at this boot.
+
+Only the light modules are imported here (ota.config, ota.bootenv,
+ota.prove): no TUF client, no `cryptography`. The supervisor lives for the
+whole uptime of a 128 MiB box; see tests/test_ota_supervise.py.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ota.client import Installer, OtaConfig
+from ota.config import OtaConfig, record_failed
 from ota.prove import DEFAULT_DEADLINE, DEFAULT_SETTLE, Action, ProveHook
 
 log = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ def _make_hook(sup: Any, cfg: OtaConfig) -> ProveHook:
         cfg.running(),
         say,
         reboot,
-        Installer(cfg).record_failed,
+        lambda version: record_failed(cfg.state_dir, version),
         deadline=float(cfg.extra.get("prove_deadline", DEFAULT_DEADLINE)),
         settle=float(cfg.extra.get("prove_settle", DEFAULT_SETTLE)),
     )

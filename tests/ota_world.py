@@ -13,8 +13,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from ota import bootenv
-from ota.client import Installer, OtaConfig, Source
+from ota.client import Installer, Source
 from ota.clock import TrustedClock
+from ota.config import OtaConfig
 from ota.repository import DEFAULT_EXPIRY, TOP_ROLES, Repository
 
 SLOT_SIZE = 1 << 20

@@ -302,7 +302,7 @@ def test_power_cut_at_every_write_step_boots_a_good_slot(
 def test_config_takes_devices_from_the_init_scripts_boot_env(tmp_path: Path) -> None:
     import json
 
-    from ota.client import OtaConfig
+    from ota.config import OtaConfig
 
     facts = tmp_path / "boot.env"
     facts.write_text(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,3 +92,19 @@ def test_timeout_hook_reboots_a_trial_slot(trial_box: World) -> None:
     assert trial_box.calls.read_text() == "reboot\n"  # type: ignore[attr-defined]
     assert any("rebooting" in line for line in sup.lines)
     assert trial_box.state().trial == "b"  # GRUB counts the tries
+
+
+def test_supervisor_hooks_import_no_tuf_or_cryptography() -> None:
+    # the supervisor runs for the box's whole uptime in 128 MiB: importing the
+    # TUF client there left too little memory to start a second moat process
+    code = (
+        "import sys, ota.supervise; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = set(done.stdout.split())
+    assert "ota" in loaded
+    heavy = {"tuf", "securesystemslib", "cryptography", "urllib3", "ssl", "datapath"}
+    assert not loaded & heavy, loaded & heavy
