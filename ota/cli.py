@@ -18,27 +18,25 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+from typing import TYPE_CHECKING, Any
 
 from moat.errors import MoatError
 from ota import bootenv
-from ota.client import BundleFetcher, Installer, Source
 from ota.config import OtaConfig
-from ota.repository import (
-    DEFAULT_EXPIRY,
-    TOP_ROLES,
-    Repository,
-    describe_metadata,
-    parse_duration,
-)
-from ota.schedule import DEFAULT_INTERVAL, Schedule, watch
+from ota.schedule import DEFAULT_INTERVAL
+
+# The TUF client, the repository tools and `cryptography` are imported by the
+# commands that use them: `moat ota status` (and the console's status) stay
+# small and fast on a 128 MiB box.
+if TYPE_CHECKING:
+    from ota.client import Installer
 
 DEFAULT_CONFIG = "/usr/lib/moat/ota.json"
 
 
 def _role_values(items: list[str], default: int, what: str) -> dict[str, int]:
+    from ota.repository import TOP_ROLES
+
     out = {r: default for r in TOP_ROLES}
     for item in items:
         role, _, value = item.partition("=")
@@ -121,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    from ota.repository import DEFAULT_EXPIRY, Repository, parse_duration
+
     expiry = dict(DEFAULT_EXPIRY)
     for item in args.expiry:
         role, _, dur = item.partition("=")
@@ -136,6 +136,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from ota.repository import Repository
+
     repo = Repository(args.repo)
     name = repo.publish(args.image, args.product, args.board, args.version)
     print(f"published {name}")
@@ -146,18 +148,24 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _timestamp(args: argparse.Namespace) -> int:
+    from ota.repository import Repository
+
     Repository(args.repo).refresh_timestamp()
     print("snapshot and timestamp re-signed")
     return 0
 
 
 def _bundle(args: argparse.Namespace) -> int:
+    from ota.repository import Repository
+
     Repository(args.repo).bundle(args.target, args.output)
     print(f"bundle {args.output}")
     return 0
 
 
 def _rotate_root(args: argparse.Namespace) -> int:
+    from ota.repository import Repository
+
     version = Repository(args.repo).rotate_root(
         args.root_keys,
         args.new_root_keys,
@@ -170,6 +178,11 @@ def _rotate_root(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+
+    from ota.client import BundleFetcher
+    from ota.repository import Repository, describe_metadata
+
     mds: dict[str, Metadata[Any]] = {}
     if args.repo:
         repo = Repository(args.repo)
@@ -198,6 +211,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _installer(args: argparse.Namespace) -> Installer:
+    from ota.client import Installer
+
     return Installer(OtaConfig.load(args.config), say=lambda m: print(m, flush=True))
 
 
@@ -237,6 +252,8 @@ def status_lines(cfg: OtaConfig) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ota.client import Source
+
     inst = _installer(args)
     cand = inst.check(Source(inst.config.repository_url, args.bundle))
     size = cand.target.length
@@ -245,6 +262,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
+    from ota.client import Source
+
     inst = _installer(args)
     slot = inst.install(Source(inst.config.repository_url, args.file))
     print(f"reboot to start slot {slot}", file=sys.stderr)
@@ -252,6 +271,8 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from ota.schedule import Schedule, watch
+
     inst = _installer(args)
     if not inst.config.repository_url:
         raise MoatError("no repository_url in the ota configuration")

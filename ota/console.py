@@ -38,7 +38,6 @@ from typing import Any, TextIO
 from moat.durable import atomic_write
 from moat.errors import MoatError
 from ota import bootenv
-from ota.client import Installer, OtaRefused, Source
 from ota.config import OtaConfig
 
 log = logging.getLogger(__name__)
@@ -417,6 +416,9 @@ class Console:
         if not bundle.is_file():
             self.say(f"{bundle}: no such file")
             return
+        # the TUF client is imported only now: the console runs all the time
+        from ota.client import Installer, OtaRefused, Source
+
         try:
             Installer(self.cfg.ota, say=self.say).install(Source(None, bundle))
         except OtaRefused as exc:

@@ -19,8 +19,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ota.client import Installer, OtaRefused, Source
+if TYPE_CHECKING:  # the TUF client is imported when a check runs
+    from ota.client import Installer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class Schedule:
 
 
 def check_once(installer: Installer, url: str | None) -> Outcome:
+    from ota.client import OtaRefused, Source
+
     """One scheduled check: install when there is an update for us."""
     try:
         installer.install(Source(url, None))

@@ -94,11 +94,12 @@ def test_timeout_hook_reboots_a_trial_slot(trial_box: World) -> None:
     assert trial_box.state().trial == "b"  # GRUB counts the tries
 
 
-def test_supervisor_hooks_import_no_tuf_or_cryptography() -> None:
-    # the supervisor runs for the box's whole uptime in 128 MiB: importing the
-    # TUF client there left too little memory to start a second moat process
+@pytest.mark.parametrize("module", ["ota.supervise", "ota.console", "ota.cli"])
+def test_long_running_modules_import_no_tuf_or_cryptography(module: str) -> None:
+    # the supervisor and the console run for the box's whole uptime in 128 MiB:
+    # the TUF client in them left too little memory for a second moat process
     code = (
-        "import sys, ota.supervise; "
+        f"import sys, {module}; "
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     done = subprocess.run(
