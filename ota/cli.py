@@ -8,7 +8,7 @@ Admin host / portal:
     moat ota rotate-root --repo R --root-keys OLD --new-root-keys NEW
     moat ota inspect --repo R | moat ota inspect BUNDLE
 Box:
-    moat ota status | check [--bundle F] | install [F]
+    moat ota status | check [--bundle F] | install [F]  (--repository URL)
 """
 
 from __future__ import annotations
@@ -103,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=Path,
             default=Path(os.environ.get("MOAT_OTA_CONFIG", DEFAULT_CONFIG)),
         )
+        if name in ("check", "install"):
+            p.add_argument(
+                "--repository",
+                metavar="URL",
+                help="instead of ota.json's repository_url",
+            )
         if name == "check":
             p.add_argument("--bundle", type=Path)
         if name == "install":
@@ -255,7 +261,8 @@ def _check(args: argparse.Namespace) -> int:
     from ota.client import Source
 
     inst = _installer(args)
-    cand = inst.check(Source(inst.config.repository_url, args.bundle))
+    url = args.repository or inst.config.repository_url
+    cand = inst.check(Source(url, args.bundle))
     size = cand.target.length
     print(f"update available: {cand.name} version {cand.version} ({size} bytes)")
     return 0
@@ -265,7 +272,8 @@ def _install(args: argparse.Namespace) -> int:
     from ota.client import Source
 
     inst = _installer(args)
-    slot = inst.install(Source(inst.config.repository_url, args.file))
+    url = args.repository or inst.config.repository_url
+    slot = inst.install(Source(url, args.file))
     print(f"reboot to start slot {slot}", file=sys.stderr)
     return 0
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,3 +33,47 @@ def lab() -> Iterator[Lab]:
 def moat_cmd() -> list[str]:
     """The argv prefix that runs the `moat` program from this checkout."""
     return [sys.executable, "-m", "moat"]
+
+
+# --- the firmware image, built once per session (qemu tests) ---------------
+
+TEST_IMAGE_DIR = REPO / "build" / "test-image"
+
+
+def _build_test_image(out: Path) -> Path:
+    """make payload + make image into `out`, trusting a throwaway TUF root
+    (out/ota: repository with its online keys, root keys beside it)."""
+    import shutil
+    import subprocess
+
+    from ota.repository import DEFAULT_EXPIRY, TOP_ROLES, Repository
+
+    ota = out / "ota"
+    if ota.exists():
+        shutil.rmtree(ota)
+    repo = Repository(ota / "repo")
+    one = {role: 1 for role in TOP_ROLES}
+    repo.keygen(ota / "root-keys", one, one, dict(DEFAULT_EXPIRY))
+    env = {**os.environ, "MOAT_OTA_ROOT": str(repo.root_versions()[0])}
+    image, payload = out / "moat-x86_64.img", out / "payload"
+    for argv in (
+        [sys.executable, "-m", "firmware.payload", "--out", str(payload)],
+        [
+            *(sys.executable, "-m", "firmware.image", "-o", str(image)),
+            *("--payload", str(payload / "dist" / "moat"), "--work", str(out / "work")),
+        ],
+    ):
+        subprocess.run(argv, cwd=REPO, check=True, env=env)
+    return image
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The test image. MOAT_TEST_IMAGE=build/test-image/moat-x86_64.img reuses
+    an earlier session's build (the OTA tests also need its work/ and ota/)."""
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed (make deps)")
+    given = os.environ.get("MOAT_TEST_IMAGE")
+    return Path(given).resolve() if given else _build_test_image(TEST_IMAGE_DIR)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pexpect
@@ -25,7 +26,17 @@ READY = "moat ready"
 PROMPT = "moat# "
 
 
-def qemu_argv(image: Path, memory_mib: int = 128, nics: int = 2) -> list[str]:
+def qemu_argv(
+    image: Path,
+    memory_mib: int = 128,
+    nics: int = 2,
+    reboot: bool = False,
+    extra: Sequence[str] = (),
+    wild: str = "",
+) -> list[str]:
+    """reboot=True: a guest reboot restarts the box in the same QEMU (the
+    serial line goes on), else QEMU exits. extra: more QEMU arguments.
+    wild: more options for the first (wild) NIC, e.g. a guestfwd rule."""
     argv = [
         "qemu-system-x86_64",
         "-machine",
@@ -40,14 +51,15 @@ def qemu_argv(image: Path, memory_mib: int = 128, nics: int = 2) -> list[str]:
         "stdio",
         "-monitor",
         "none",
-        "-no-reboot",
+        *([] if reboot else ["-no-reboot"]),
         "-drive",
         f"file={image},format=raw,if=virtio,cache=writeback",
     ]
-    for _ in range(nics):
+    for n in range(nics):
         # user-mode NICs with no host forwards: nothing reaches the host
-        argv += ["-nic", "user,model=virtio-net-pci,restrict=on"]
-    return argv
+        more = f",{wild}" if wild and n == 0 else ""
+        argv += ["-nic", f"user,model=virtio-net-pci,restrict=on{more}"]
+    return argv + list(extra)
 
 
 def boot_env_offset(image: Path) -> int:
@@ -97,10 +109,18 @@ def dev_copy(image: Path, dest: Path) -> Path:
 
 
 class Box:
-    def __init__(self, image: Path, log: Path | None = None, memory_mib: int = 128):
+    def __init__(
+        self,
+        image: Path,
+        log: Path | None = None,
+        memory_mib: int = 128,
+        reboot: bool = False,
+        extra: Sequence[str] = (),
+        wild: str = "",
+    ):
         self.image = image
         self.started = time.monotonic()
-        argv = qemu_argv(image, memory_mib)
+        argv = qemu_argv(image, memory_mib, reboot=reboot, extra=extra, wild=wild)
         self.child = pexpect.spawn(
             argv[0], argv[1:], encoding="utf-8", codec_errors="replace", timeout=60
         )

@@ -1,9 +1,10 @@
 """The firmware image under QEMU (TCG): headless boot, the running box,
 power cuts, a damaged /var restored from its backup.
 
-The image is built once per session (make payload + make image, into
-build/test-image); tests boot copies of it with moat.shell=1 set in the GRUB
-environment, so the serial console is a shell pexpect can drive.
+The image is built once per session (conftest.py `image`: make payload +
+make image, into build/test-image); tests boot copies of it with moat.shell=1
+set in the GRUB environment, so the serial console is a shell pexpect can
+drive.
 MOAT_POWERCUTS sets the number of power cuts (20; `make test-powercut-long`
 runs 100). MOAT_TEST_IMAGE reuses an image already built.
 """
@@ -14,8 +15,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,42 +28,12 @@ from firmware import layout
 pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "build" / "test-image"
 IMAGE_LIMIT = 64 * 2**20
 BOOT_LIMIT = float(os.environ.get("MOAT_BOOT_LIMIT", "30"))
 # 20 in `make test` (about 9 min under TCG); `make test-powercut-long` runs 100
 POWERCUTS = int(os.environ.get("MOAT_POWERCUTS", "20"))
 # the console shell, init, the supervisor: nothing else runs on an idle box
 EXPECTED = {"init", "moat supervise", "sh -l"}
-
-
-def _build() -> Path:
-    image = BUILD / "moat-x86_64.img"
-    payload = BUILD / "payload"
-    for argv in (
-        [sys.executable, "-m", "firmware.payload", "--out", str(payload)],
-        [
-            sys.executable,
-            "-m",
-            "firmware.image",
-            "-o",
-            str(image),
-            "--payload",
-            str(payload / "dist" / "moat"),
-            "--work",
-            str(BUILD / "work"),
-        ],
-    ):
-        subprocess.run(argv, cwd=REPO, check=True)
-    return image
-
-
-@pytest.fixture(scope="session")
-def image() -> Path:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86 is not installed (make deps)")
-    given = os.environ.get("MOAT_TEST_IMAGE")
-    return Path(given) if given else _build()
 
 
 @pytest.fixture(scope="session")
