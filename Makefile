@@ -7,7 +7,7 @@ export VENV
 PYTEST_ARGS ?=
 
 .PHONY: help deps test test-fast lint format demo bench bench-esp bench-portal clean
-.PHONY: payload image boot flash test-powercut-long
+.PHONY: payload image boot flash test-powercut-long test-ota-powercut-long
 
 help:
 	@echo "make demo       build a namespace network and show the tunnel working"
@@ -82,3 +82,8 @@ flash:
 # 100 power cuts instead of the 12 `make test` does (about an hour)
 test-powercut-long: deps
 	MOAT_POWERCUTS=100 $(PY) -m pytest -m qemu -k power_cuts tests/test_firmware_qemu.py
+
+# 100 power cuts during an OTA install on the image (10 in `make test`; hours
+# under TCG on a shared 2-core host)
+test-ota-powercut-long: deps
+	MOAT_OTA_POWERCUTS=100 $(PY) -m pytest -m qemu -k power_cuts_during_install tests/test_ota_qemu.py
