@@ -94,7 +94,7 @@ class Prover:
 
     def expire(self, now: float) -> None:
         """Make the deadline pass now (the supervisor gave up waiting)."""
-        self.started = min(self.started, now - self.deadline)
+        self.deadline = min(self.deadline, max(0.0, now - self.started))
 
     def tick(self, now: float, services_up: bool, tunnel_up: bool | None) -> Decision:
         """`tunnel_up` is None when no tunnel is configured."""

@@ -159,6 +159,11 @@ def drive(bundle: Path) -> list[str]:
     return ["-drive", f"file={bundle},format=raw,if=virtio,readonly=on"]
 
 
+def wild_up(box: Box) -> None:
+    """The wild NIC on QEMU's user network (no DHCP client runs yet)."""
+    box.check("ip addr add 10.0.2.15/24 dev wild && ip link set wild up")
+
+
 def status(box: Box) -> str:
     return box.check("moat ota status", timeout=INSTALL)
 
@@ -180,7 +185,7 @@ def test_good_update_from_repository(
     boxes.append(box)
     box.wait_ready(timeout=BOOT)
     box.shell()
-    box.check("ip addr add 10.0.2.15/24 dev wild && ip link set wild up")
+    wild_up(box)
 
     out = box.check(f"moat ota check --repository {GUEST_REPO}", timeout=INSTALL)
     assert f"version {GOOD}" in out, out
@@ -209,6 +214,7 @@ def test_good_update_from_repository(
     assert f"version floor {GOOD};" in out, out
 
     # the same update again: refused, nothing written (same boot env seq)
+    wild_up(box)
     rc, refused = box.run(f"moat ota install --repository {GUEST_REPO}", INSTALL)
     assert rc != 0 and "refused: older version" in refused, refused
     assert status(box) == out
