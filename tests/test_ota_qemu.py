@@ -291,7 +291,9 @@ def test_power_cuts_during_install(
         "a": (ota_build.base_slot.stat().st_size, file_digest(ota_build.base_slot)),
         "b": (ota_build.good_slot.stat().st_size, file_digest(ota_build.good_slot)),
     }
-    window = 8.0  # seconds from "writing" to "installed"; learnt as we go
+    # seconds from the "writing" line to "installed" (the switch done): taken
+    # from the last install that finished; cuts fall in 110 % of it
+    window = 5.0
     outcomes: Counter[str] = Counter()
     cuts = 0
     cut_pending = False
@@ -330,10 +332,10 @@ def test_power_cuts_during_install(
         box.child.sendline("moat ota install /dev/vdb")
         box.expect(r"writing \S+ \(\d+ bytes\) to slot b", timeout=INSTALL)
         began = time.monotonic()
-        delay = rng.uniform(0.0, window)
+        delay = rng.uniform(0.0, window * 1.1)
         try:
             box.expect(r"installed \S+ in slot b", timeout=delay)
-            window = max(window, time.monotonic() - began)
+            window = time.monotonic() - began
         except pexpect.TIMEOUT:
             pass
         box.kill()
@@ -345,7 +347,7 @@ def test_power_cuts_during_install(
     print(
         f"{cuts} cuts: "
         + ", ".join(f"{n} {what}" for what, n in outcomes.items())
-        + f"; write + switch took up to {window:.1f} s; every boot took the "
+        + f"; write + switch took {window:.1f} s; every boot took the "
         "slot the environment named, complete, to 'moat ready'"
     )
     assert outcomes["slot a booted"] > 0  # some cuts hit the write itself
