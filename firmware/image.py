@@ -29,6 +29,7 @@ from pathlib import Path
 from firmware import debs, elf, kmod, layout
 from firmware.cpio import CpioWriter
 from firmware.layout import BOARD, REPO, SECTOR_SIZE
+from firmware.payload import largest
 from moat import __version__, grubenv, varbackup
 from moat.cli import VERBS
 from ota import bootenv
@@ -45,7 +46,14 @@ GRUB_MODULES = [
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib")
 # unmerged Debian paths -> where they go in the image
 MERGE = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
-SQUASHFS_ARGS = ["-comp", "xz", "-b", "256K", "-noappend", "-all-root"]
+# xz with the x86 branch filter (mksquashfs keeps it per block where it
+# helps: ELF code), 1 MiB blocks; measured against -b 256K without BCJ on
+# the same slot: 1.4 MiB smaller, boot time unchanged (firmware/README)
+SQUASHFS_COMPRESSION = ["-comp", "xz", "-Xbcj", "x86", "-b", "1M"]
+SQUASHFS_ARGS = [*SQUASHFS_COMPRESSION, "-noappend", "-all-root"]
+# the initramfs is stored uncompressed in the slot, whose xz packs it better
+# than gzip would (GRUB decompresses the slot's blocks as it reads them)
+INITRAMFS_GZIP = False
 INITIAL_ENV = {"moat_cmdline": ""}
 PRODUCT = "moat"
 
@@ -226,9 +234,7 @@ def build_initramfs(pkgroot: Path, kver: str, root: Path, out: Path) -> int:
     moddest = root / "lib/modules" / kver
     moddest.mkdir(parents=True)
     mods = layout.modules()
-    # TODO: coldplug modules by device alias instead of loading them all
-    # (busybox modprobe failed to load virtio_pci's chain in a first try)
-    at_boot = [name for name, when in mods.items() if when != "demand"]
+    at_boot = layout.boot_modules()
     loaded = kmod.install(list(mods), pkgroot / "lib/modules" / kver, moddest, at_boot)
 
     buf = io.BytesIO()
@@ -238,21 +244,31 @@ def build_initramfs(pkgroot: Path, kver: str, root: Path, out: Path) -> int:
     writer.chardev("dev/null", 1, 3, 0o666)
     writer.tree(root)
     writer.close()
-    out.write_bytes(gzip.compress(buf.getvalue(), compresslevel=9, mtime=0))
+    data = buf.getvalue()
+    if INITRAMFS_GZIP:
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    out.write_bytes(data)
     return len(loaded)
 
 
 # --- partitions -----------------------------------------------------------
 
 
-def make_squashfs(tree: Path, out: Path, limit: int) -> None:
+def make_squashfs(tree: Path, out: Path, limit: int) -> int:
+    """Pack tree into out; the headroom left in a slot of `limit` bytes."""
     if out.exists():
         out.unlink()
     run("mksquashfs", str(tree), str(out), *SQUASHFS_ARGS, quiet=False)
-    if out.stat().st_size > limit:
+    size = out.stat().st_size
+    if size > limit:
+        biggest = ", ".join(f"{rel} {n / 2**20:.1f} MiB" for rel, n in largest(tree, 5))
         raise BuildError(
-            f"slot squashfs is {out.stat().st_size} bytes, the slot holds {limit}"
+            f"slot squashfs is {size} bytes ({size / 2**20:.2f} MiB), "
+            f"{(size - limit) / 2**20:.2f} MiB more than a slot holds "
+            f"({limit / 2**20:.0f} MiB, board/partitions.conf); largest files "
+            f"(uncompressed): {biggest}"
         )
+    return limit - size
 
 
 def make_ext(
@@ -420,12 +436,16 @@ def build(image: Path, payload: Path, work: Path) -> None:
         )
         shutil.copy2(pkgroot / f"boot/vmlinuz-{kver}", slot / "boot/vmlinuz")
         size = (slot / "boot/initrd.img").stat().st_size
-        print(f"image: initramfs {size / 2**20:.1f} MiB, {count} modules")
+        kind = "gzip" if INITRAMFS_GZIP else "uncompressed"
+        print(f"image: initramfs {size / 2**20:.1f} MiB {kind}, {count} modules")
 
     slot_img = work / "slot.squashfs"
     with step("slot squashfs (kernel, initramfs, /usr)"):
-        make_squashfs(slot, slot_img, parts["slot_a"].size)
-        print(f"image: slot {slot_img.stat().st_size / 2**20:.1f} MiB")
+        room = make_squashfs(slot, slot_img, parts["slot_a"].size)
+        print(
+            f"image: slot squashfs {slot_img.stat().st_size / 2**20:.2f} MiB of "
+            f"{parts['slot_a'].size / 2**20:.0f} MiB: headroom {room / 2**20:.2f} MiB"
+        )
 
     core_img = work / "core.img"
     with step("GRUB core.img"):

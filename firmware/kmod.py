@@ -3,9 +3,11 @@
 The closure comes from each module's .modinfo `depends=` field, so no depmod
 is needed on the build host. The result is written as modules.dep and
 modules.alias (the formats busybox modprobe reads) and as `load-order`, the
-list the init script insmods one by one at boot; the other modules are
-loaded by busybox modprobe, by device alias (coldplug) or when the kernel
-asks for them.
+list the init script insmods one by one at boot (board/modules.txt `boot`);
+the others are loaded by busybox modprobe: by device alias, for the devices
+/init finds in /sys (`coldplug`), or when the kernel asks for a module
+(`demand`: request_module runs /sbin/modprobe with an alias such as
+nft-expr-ct).
 """
 
 from __future__ import annotations
@@ -106,8 +108,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="write load-order for board/")
     parser.add_argument("moddir", type=Path, help="a /lib/modules/KVER tree")
     args = parser.parse_args()
-    at_boot = [m for m, when in layout.modules().items() if when != "demand"]
-    order = write_load_order(args.moddir, at_boot)
+    order = write_load_order(args.moddir, layout.boot_modules())
     print(f"kmod: {len(order)} modules at boot in {args.moddir}/load-order")
     return 0
 

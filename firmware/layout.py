@@ -91,3 +91,9 @@ def names(path: Path) -> list[str]:
 def modules(board: Path = BOARD) -> dict[str, str]:
     """Kernel module -> when it is loaded (boot, coldplug, demand)."""
     return {row[0]: row[1] for row in _rows(board / "modules.txt")}
+
+
+def boot_modules(board: Path = BOARD) -> list[str]:
+    """The modules /init loads itself (`load-order`); coldplug ones are loaded
+    by device alias, demand ones by the kernel (request_module -> modprobe)."""
+    return [name for name, when in modules(board).items() if when == "boot"]

@@ -44,6 +44,10 @@ def test_every_board_module_is_in_the_kernel_fragment() -> None:
     for row in layout._rows(layout.BOARD / "modules.txt"):
         module, _, option = row
         assert fragment.get(option) in ("m", "y"), f"{module}: {option} not set"
+    # the kernel reads the slot squashfs the offline builder packs
+    assert fragment["CONFIG_SQUASHFS_XZ"] == "y"
+    if "-Xbcj" in image.SQUASHFS_ARGS:
+        assert fragment["CONFIG_XZ_DEC_X86"] == "y"
 
 
 def test_overlay_and_scripts_are_board_ones() -> None:
@@ -55,7 +59,9 @@ def test_overlay_and_scripts_are_board_ones() -> None:
     assert ext_path(cfg["BR2_LINUX_KERNEL_CONFIG_FRAGMENT_FILES"]).exists()
     post_image = (EXT / "board/post-image.sh").read_text()
     assert "python3 -m firmware.disk" in post_image  # same layout code
-    assert " ".join(image.SQUASHFS_ARGS[:4]) in post_image.replace("\\\n   ", "")
+    flat = post_image.replace("\\\n   ", "")
+    assert " ".join(image.SQUASHFS_ARGS) in flat  # the same compression
+    assert ("gzip" in flat) == image.INITRAMFS_GZIP  # the same initramfs
     assert "firmware.kmod" in (EXT / "board/post-build.sh").read_text()
 
 

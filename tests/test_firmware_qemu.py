@@ -142,6 +142,48 @@ def test_boot_and_running_box(
     net = box.check("cat /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6")
     assert listeners(net) == []
 
+    check_modules_on_demand(box)
+
+
+# drivers of devices the QEMU box does not have, modules no rule needs yet
+NOT_AT_BOOT = {"e1000", "e1000e", "igb", "r8169", "ahci", "nf_tables", "nft_ct"}
+# a NAT chain with a conntrack match and masquerade, as the firewall writes
+NFT_PROBE = (
+    "nft add table inet probe && "
+    "nft add chain inet probe post '{ type nat hook postrouting priority 100; }' && "
+    "nft add rule inet probe post oifname wild ct state new masquerade"
+)
+NFT_MODULES = {"nf_tables", "nft_ct", "nft_chain_nat", "nft_masq", "nf_conntrack"}
+
+
+def modules_loaded(box: Box) -> set[str]:
+    return {line.split()[0] for line in box.check("cat /proc/modules").splitlines()}
+
+
+def check_modules_on_demand(box: Box) -> None:
+    """Only the present devices' drivers are loaded at boot (coldplug by
+    alias); an nft rule makes the kernel load its modules (request_module ->
+    busybox modprobe)."""
+    at_boot = modules_loaded(box)
+    print(f"modules at boot ({len(at_boot)}): {' '.join(sorted(at_boot))}")
+    assert {"virtio_pci", "virtio_blk", "virtio_net", "squashfs", "ext4"} <= at_boot
+    assert not at_boot & NOT_AT_BOOT, at_boot & NOT_AT_BOOT
+    for nic in ("wild", "private"):
+        driver = box.check(f"basename $(readlink /sys/class/net/{nic}/device/driver)")
+        assert driver == "virtio_net", (nic, driver)
+        # the link comes up (carrier from the virtual cable), polled up to 10 s
+        box.check(
+            f"ip link set {nic} up && for i in $(seq 100); do "
+            f"grep -qx up /sys/class/net/{nic}/operstate && break; sleep 0.1; done; "
+            f"grep -x up /sys/class/net/{nic}/operstate"
+        )
+
+    box.check(NFT_PROBE)
+    loaded = modules_loaded(box) - at_boot
+    print(f"loaded on demand by the nft rule: {' '.join(sorted(loaded))}")
+    assert loaded >= NFT_MODULES, NFT_MODULES - loaded
+    box.check("nft delete table inet probe")
+
 
 def _ack_until(box: Box, deadline: float, acked: int) -> int:
     while True:

@@ -284,6 +284,37 @@ def test_payload_freezes_every_verb_module() -> None:
     assert "--onedir" in argv
 
 
+def test_payload_prunes_only_binaries_of_excluded_modules() -> None:
+    excluded = set(payload.EXCLUDES)
+    for pattern in payload.PRUNE:
+        parts = Path(pattern).parts[1:]  # below _internal/
+        if len(parts) > 1:  # an extension package's directory
+            assert ".".join(parts[:-1]) in excluded, pattern
+        else:  # a shared library only an excluded extension links
+            assert "_ssl" in excluded and parts[0].startswith("libssl"), pattern
+
+
+def test_frozen_check_imports_every_module_and_keys_every_transform() -> None:
+    """The check the payload build runs in the frozen program, here on the
+    source tree: it must import every module and seal/open with each ESP
+    transform (a broken import or cipher raises)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("entry", payload.ENTRY)
+    assert spec and spec.loader
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    count = entry.import_all(list(payload.PACKAGES))
+    sources = sum(
+        1
+        for package in payload.PACKAGES
+        for path in (payload.REPO / package).rglob("*.py")
+        if path.name != "__main__.py"
+    )
+    assert count == sources
+    assert entry.transform_round_trips() >= 5
+
+
 # --- flash ----------------------------------------------------------------
 
 
