@@ -504,3 +504,16 @@ def test_boot_partition_tree(tmp_path: Path) -> None:
     state = bootenv.decode((grub / "moatenv0").read_bytes())
     assert state.good == "a" and state.seq == 1
     assert grubenv.decode((grub / "grubenv").read_bytes()) == {"moat_cmdline": ""}
+
+
+def test_slot_squashfs_headroom_and_overflow(tmp_path: Path) -> None:
+    from firmware import image
+
+    tree = tmp_path / "slot"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "usr/lib/big").write_bytes(os.urandom(300_000))  # incompressible
+    out = tmp_path / "slot.squashfs"
+    room = image.make_squashfs(tree, out, 2**20)
+    assert room == 2**20 - out.stat().st_size > 0
+    with pytest.raises(image.BuildError, match=r"more than a slot holds.*usr/lib/big"):
+        image.make_squashfs(tree, out, 100_000)
