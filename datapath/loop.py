@@ -32,6 +32,7 @@ from datapath.tun import READ_SIZE, Tun
 from datapath.tunnel import Datapath, Peer, esp_space
 from datapath.udpencap import NAT_KEEPALIVE, NON_ESP_MARKER
 from datapath.vnet import VNET_HDR_SIZE, coalesce
+from moat.control import QUERY_TIMEOUT, query  # noqa: F401 - the tunnel's client
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ POLL_INTERVAL = 1.0  # seconds between Datapath.poll calls
 # the loop answers a status request inline: a client that connects and sends
 # nothing stalls packets for at most this long (the socket is root-only)
 CONTROL_TIMEOUT = 0.5
-QUERY_TIMEOUT = 5.0
 ERROR_LOG_INTERVAL = 10.0  # seconds between tracebacks of internal errors
 ESP_MIN = 8  # SPI + sequence number
 
@@ -92,20 +92,6 @@ class ControlServer:
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def query(path: str, request: str = "status") -> dict[str, Any]:
-    """Ask a running tunnel over its control socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(QUERY_TIMEOUT)
-        sock.connect(path)
-        sock.sendall(request.encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    result: dict[str, Any] = json.loads(b"".join(chunks))
-    return result
 
 
 class EventLoop:

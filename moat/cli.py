@@ -41,6 +41,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "firewall": ("services.firewall", "apply the wild-side nftables lockdown"),
     "supervise": ("moat.supervisor", "start the configured services, keep them up"),
     "var": ("moat.var", "back up and restore /var; durability workload"),
+    "wan": (
+        "services.wan",
+        "the wild side: DHCP or the static address saved in wan.json",
+    ),
 }
 
 

@@ -252,7 +252,10 @@ class Supervisor:
         self.started = time.monotonic()
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        # on the serial console the recovery menu may have left a prompt
+        # without its newline: start a line of our own
+        fresh = "\n" if _isatty(self.out) else ""
+        print(fresh + text, file=self.out, flush=True)
 
     def all_ready(self, now: float) -> bool:
         return all(
@@ -387,6 +390,13 @@ class Supervisor:
         log.info("stopping")
         self._stop_children()
         return 0
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--device", type=Path, help="backup partition or file")
         p.add_argument("--target", type=Path, default=Path("/var"))
+        if name == "restore":
+            p.add_argument(
+                "--replace",
+                action="store_true",
+                help="remove what /var holds beyond the backup first (a live /var)",
+            )
     stress = sub.add_parser("stress", help="commit numbered records until killed")
     stress.add_argument("--dir", type=Path, default=STRESS_DIR)
     stress.add_argument("--count", type=int, default=0, help="stop after N (0: never)")
@@ -170,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("/var backup %d committed", bank.header.sequence)
         return 0
     if args.action == "restore":
-        bank = varbackup.restore(device, args.target)
+        bank = varbackup.restore(device, args.target, replace=args.replace)
         assert bank.header is not None
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(bank.header.written_at))
         print(f"backup {bank.header.sequence} from {when} UTC (bank {bank.index})")

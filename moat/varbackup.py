@@ -119,6 +119,15 @@ def banks(fd: int) -> list[Bank]:
     return result
 
 
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove_tree(child)
+        path.rmdir()
+    else:
+        path.unlink()
+
+
 def newest(all_banks: list[Bank]) -> Bank | None:
     good = [b for b in all_banks if b.valid and b.header is not None]
     return max(good, key=lambda b: b.header.sequence if b.header else 0, default=None)
@@ -177,13 +186,21 @@ def commit(var: Path, device: Path) -> Bank:
         os.close(fd)
 
 
-def restore(device: Path, target: Path) -> Bank:
-    """Unpack the newest valid backup into target (an empty /var)."""
+def restore(device: Path, target: Path, replace: bool = False) -> Bank:
+    """Unpack the newest valid backup into target (an empty /var at boot).
+
+    replace: first remove what target holds beyond the EXCLUDE entries, so
+    files made or changed since the backup are gone or back as they were (the
+    backup is read and checked before anything is removed)."""
     fd = os.open(device, os.O_RDONLY)
     try:
         bank, payload = read_backup(fd)
     finally:
         os.close(fd)
+    if replace:
+        for entry in sorted(target.iterdir()):
+            if entry.name not in EXCLUDE:
+                _remove_tree(entry)
     with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
         tar.extractall(target, filter="tar")
     os.sync()

@@ -8,7 +8,6 @@ reader never sees half of it, but not fsynced.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -17,25 +16,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
-from moat.errors import MoatError
+from services.status import (  # noqa: F401 - the services import them here
+    print_status,
+    publish_status,
+    write_status,
+)
 
 log = logging.getLogger(__name__)
-
-
-def write_status(path: Path, status: dict[str, Any]) -> None:
-    status = {"written_at": round(time.time(), 3), "pid": os.getpid(), **status}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def publish_status(path: Path, status: dict[str, Any]) -> None:
-    """write_status, logging instead of raising: status must not stop a service."""
-    try:
-        write_status(path, status)
-    except OSError as exc:
-        log.error("cannot write status %s: %s", path, exc)
 
 
 async def status_loop(
@@ -72,17 +59,6 @@ class Datagrams(asyncio.DatagramProtocol):
     def send(self, data: bytes, destination: Source) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(data, destination)
-
-
-def print_status(path: Path) -> int:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise MoatError(
-            f"no status at {path} (is the service running?): {exc}"
-        ) from exc
-    print(text, end="")
-    return 0
 
 
 def run_service(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -52,7 +52,7 @@ from services.dhcp.client import (
     Transmit,
 )
 from services.dhcp.message import DhcpError
-from services.runtime import print_status, publish_status
+from services.status import print_status, publish_status
 
 log = logging.getLogger(__name__)
 
