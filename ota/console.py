@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -35,10 +33,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from moat.control import query
 from moat.durable import atomic_write
 from moat.errors import MoatError
 from ota import bootenv
 from ota.config import OtaConfig
+from services.wan import WAN_PID_FILE, WanSettings, restart_service
+from services.wan import save as save_wan
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ PASSWORD_TRIES = 3
 LOG_LINES = 30
 COMMAND_TIMEOUT = 120.0
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+# the tunnel's control socket (datapath's default; not imported from there:
+# the datapath's modules load the crypto libraries)
+TUNNEL_SOCKET = "/run/moat/tunnel.sock"
 IGNORED_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP)
 
 DEFAULT_COMMANDS: dict[str, list[str]] = {
@@ -56,12 +60,10 @@ DEFAULT_COMMANDS: dict[str, list[str]] = {
     "poweroff": ["poweroff"],
     "ping": ["ping", "-c", "3", "-W", "2"],
     "register": ["moat", "register", "--now"],
-    "var_restore": ["moat", "var", "restore"],
+    "var_restore": ["moat", "var", "restore", "--replace"],
     "var_commit": ["moat", "var", "commit"],
     "shell": ["/bin/sh", "-l"],
-    "addresses": ["ip", "-br", "addr"],
-    "dhcp": ["udhcpc", "-n", "-q", "-i"],
-    "ip": ["ip"],
+    "addresses": ["ip", "-o", "-f", "inet", "addr", "show"],
 }
 
 
@@ -73,6 +75,8 @@ class ConsoleError(MoatError):
 
 
 def hash_password(password: str, salt: bytes | None = None) -> dict[str, Any]:
+    import hashlib  # here: OpenSSL's libcrypto is not mapped until needed
+
     salt = salt or os.urandom(16)
     digest = hashlib.scrypt(
         password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32
@@ -88,6 +92,9 @@ def hash_password(password: str, salt: bytes | None = None) -> dict[str, Any]:
 
 
 def check_password(record: dict[str, Any], password: str) -> bool:
+    import hashlib
+    import hmac
+
     try:
         if record.get("alg") != "scrypt":
             return False
@@ -113,7 +120,8 @@ class ConsoleConfig:
     commands: dict[str, list[str]]
     password_file: Path
     wan_file: Path
-    wan_interface: str
+    wan_pid_file: Path
+    tunnel_socket: Path
     log_files: list[Path]
     var_dir: Path
     status_files: dict[str, Path]
@@ -130,7 +138,8 @@ class ConsoleConfig:
                 raw.get("password_file", "/var/lib/moat/console/admin.pw")
             ),
             wan_file=Path(raw.get("wan_file", "/var/moat/wan.json")),
-            wan_interface=raw.get("wan_interface", "wild"),
+            wan_pid_file=Path(raw.get("wan_pid_file", WAN_PID_FILE)),
+            tunnel_socket=Path(raw.get("tunnel_socket", TUNNEL_SOCKET)),
             log_files=[
                 Path(p)
                 for p in raw.get(
@@ -180,8 +189,11 @@ def _child_defaults() -> None:
 
 
 class Console:
-    def __init__(self, cfg: ConsoleConfig, inp: TextIO, out: TextIO) -> None:
+    def __init__(
+        self, cfg: ConsoleConfig, inp: TextIO, out: TextIO, idle_exit: float = 0.0
+    ) -> None:
         self.cfg = cfg
+        self.idle_exit = idle_exit
         self.inp = inp
         self.out = out
         self.running = True
@@ -216,6 +228,17 @@ class Console:
         if any(ord(c) < 32 and c not in "\r\n\t" for c in line):
             self.say("(control characters ignored)")
         return "".join(c for c in line if c.isprintable()).strip()
+
+    def _input_within(self, prompt: str, seconds: float) -> bool:
+        """Show the prompt; True once a line can be read, False after seconds.
+        (A terminal in canonical mode hands over one line per read, so nothing
+        waits unseen in the stream's buffer.)"""
+        import select
+
+        self.out.write(prompt)
+        self.out.flush()
+        ready, _, _ = select.select([self.inp], [], [], seconds)
+        return bool(ready)
 
     def confirm(self, what: str, word: str = "yes") -> bool:
         answer = self.ask(f"{what} Type '{word}' to go on: ")
@@ -261,7 +284,12 @@ class Console:
         self.menu()
         eofs = 0
         while self.running:
-            choice = self.ask(f"Choose 1-{len(self.items)} (Enter: menu): ")
+            prompt = f"Choose 1-{len(self.items)} (Enter: menu): "
+            if self.idle_exit and not self._input_within(prompt, self.idle_exit):
+                self.say()
+                self.say("no input for a while: the menu closes")
+                return
+            choice = self.ask("" if self.idle_exit else prompt)
             if choice is None:
                 eofs += 1
                 if eofs >= 3 and not os.isatty(self.inp.fileno()):
@@ -286,13 +314,13 @@ class Console:
     # -- items -----------------------------------------------------------------
 
     def status(self) -> None:
-        from ota.cli import status_lines
+        from ota.cli import status_lines  # light: no TUF client
 
         for line in status_lines(self.cfg.ota):
             self.say(line)
         self.say("addresses:")
         self.run_command("addresses", timeout=10)
-        self.say(f"tunnel: {tunnel_summary()}")
+        self.say(f"tunnel: {tunnel_summary(self.cfg.tunnel_socket)}")
         self.say("services (last line of each log):")
         for line in service_lines(self.cfg.service_log_dir):
             self.say(f"  {line}")
@@ -325,38 +353,28 @@ class Console:
     def set_wan(self) -> None:
         mode = self.ask("WAN by 1) DHCP or 2) static address? ")
         if mode == "1":
-            settings: dict[str, Any] = {"mode": "dhcp"}
+            settings = WanSettings("dhcp")
         elif mode == "2":
             addr = self.ask("address/prefix (e.g. 192.0.2.10/24): ") or ""
             gw = self.ask("gateway: ") or ""
             dns = self.ask("DNS server (Enter: none): ") or ""
             try:
-                iface = ipaddress.ip_interface(addr)
-                gateway = ipaddress.ip_address(gw)
-                if (
-                    gateway not in iface.network
-                    or iface.network.prefixlen == iface.max_prefixlen
-                ):
-                    raise ValueError("gateway is not inside the address's network")
-                if dns:
-                    ipaddress.ip_address(dns)
+                settings = WanSettings.static(addr, gw, dns)
             except ValueError as exc:
                 self.say(f"not saved: {exc}")
                 return
-            settings = {
-                "mode": "static",
-                "address": str(iface),
-                "gateway": str(gateway),
-            }
-            if dns:
-                settings["dns"] = dns
         else:
             self.say("not saved: answer 1 or 2")
             return
-        self.cfg.wan_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.cfg.wan_file, json.dumps(settings, indent=1).encode())
-        self.say(f"saved to {self.cfg.wan_file}: {settings}")
-        apply_wan(self.cfg, settings, self.run_command)
+        save_wan(self.cfg.wan_file, settings)
+        self.say(f"saved to {self.cfg.wan_file}: {settings.to_json()}")
+        self.restart_wan()
+
+    def restart_wan(self) -> None:
+        if restart_service(self.cfg.wan_pid_file):
+            self.say("the WAN service restarts with these settings")
+        else:
+            self.say("the WAN service is not running; it uses them when it starts")
 
     def reregister(self) -> None:
         self.run_command("register")
@@ -416,7 +434,8 @@ class Console:
         if not bundle.is_file():
             self.say(f"{bundle}: no such file")
             return
-        # the TUF client is imported only now: the console runs all the time
+        # the TUF client is imported only here: it costs the box seconds and
+        # megabytes the menu does not otherwise need
         from ota.client import Installer, OtaRefused, Source
 
         try:
@@ -475,14 +494,11 @@ class Console:
             self.say()
 
 
-def tunnel_summary() -> str:
+def tunnel_summary(control_socket: Path) -> str:
     """One line from the running tunnel's control socket."""
     try:
-        from datapath.cli import query
-        from datapath.config import DEFAULT_CONTROL_SOCKET
-
-        status = query(DEFAULT_CONTROL_SOCKET)
-    except (ImportError, OSError, ValueError) as exc:
+        status = query(str(control_socket))
+    except (OSError, ValueError) as exc:
         return f"not running ({exc})"
     peers = status.get("peers", {})
     words = [
@@ -524,22 +540,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def apply_wan(
-    cfg: ConsoleConfig,
-    settings: dict[str, Any],
-    run: Callable[..., int],
-) -> None:
-    """Apply saved WAN settings with ip(8) / the DHCP client (no shell)."""
-    iface = cfg.wan_interface
-    if settings.get("mode") == "dhcp":
-        run("dhcp", iface, timeout=60)
-        return
-    run("ip", "addr", "flush", "dev", iface, timeout=10)
-    run("ip", "addr", "add", settings["address"], "dev", iface, timeout=10)
-    run("ip", "link", "set", iface, "up", timeout=10)
-    run("ip", "route", "replace", "default", "via", settings["gateway"], timeout=10)
-
-
 # -- verb ------------------------------------------------------------------------
 
 
@@ -550,12 +550,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get("MOAT_OTA_CONFIG", DEFAULT_CONFIG)),
     )
     parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="leave the menu after this long without input (0: never); init "
+        "then waits for Enter again without a Python process in memory",
+    )
+    parser.add_argument(
         "action",
         nargs="?",
         choices=["menu", "set-password", "apply-wan"],
         default="menu",
         help="menu (default); set-password: at provisioning (reads stdin "
-        "twice, or once when not a tty); apply-wan: apply the saved WAN settings",
+        "twice, or once when not a tty); apply-wan: restart the WAN service, "
+        "which reads the saved WAN settings",
     )
 
 
@@ -564,14 +573,12 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "set-password":
         return _set_password(cfg)
     if args.action == "apply-wan":
-        settings = json.loads(cfg.wan_file.read_text())
-        console = Console(cfg, sys.stdin, sys.stdout)
-        apply_wan(cfg, settings, console.run_command)
+        Console(cfg, sys.stdin, sys.stdout).restart_wan()
         return 0
     _log_to_file(cfg.log_file)
     with unkillable(sys.stdin.fileno()):
         try:
-            Console(cfg, sys.stdin, sys.stdout).loop()
+            Console(cfg, sys.stdin, sys.stdout, idle_exit=args.idle_exit).loop()
         except OSError as exc:  # the line went away (hang-up, EIO)
             log.warning("console output failed: %s; exiting for init to restart", exc)
             return 1
