@@ -33,10 +33,13 @@ def qemu_argv(
     reboot: bool = False,
     extra: Sequence[str] = (),
     wild: str = "",
+    raw_serial: bool = False,
 ) -> list[str]:
     """reboot=True: a guest reboot restarts the box in the same QEMU (the
     serial line goes on), else QEMU exits. extra: more QEMU arguments.
-    wild: more options for the first (wild) NIC, e.g. a guestfwd rule."""
+    wild: more options for the first (wild) NIC, e.g. a guestfwd rule.
+    raw_serial: Ctrl-C, Ctrl-\\ and Ctrl-Z go to the box's serial port
+    instead of signalling QEMU."""
     argv = [
         "qemu-system-x86_64",
         "-machine",
@@ -55,6 +58,12 @@ def qemu_argv(
         "-drive",
         f"file={image},format=raw,if=virtio,cache=writeback",
     ]
+    if raw_serial:
+        i = argv.index("-serial")
+        argv[i : i + 2] = [
+            *("-chardev", "stdio,id=ttyS0,signal=off"),
+            *("-serial", "chardev:ttyS0"),
+        ]
     for n in range(nics):
         # user-mode NICs with no host forwards: nothing reaches the host
         more = f",{wild}" if wild and n == 0 else ""
@@ -62,11 +71,12 @@ def qemu_argv(
     return argv + list(extra)
 
 
-def boot_env_offset(image: Path) -> int:
-    """Byte offset of /boot/grub/grubenv inside the image (for in-place edits)."""
+def boot_env_offset(image: Path, name: str = "/boot/grub/grubenv") -> int:
+    """Byte offset of a file of the boot partition (default: GRUB's
+    environment) inside the image, for in-place edits."""
     boot = layout.partitions()["boot"]
     out = subprocess.run(
-        ["debugfs", "-R", "blocks /boot/grub/grubenv", f"{image}?offset={boot.offset}"],
+        ["debugfs", "-R", f"blocks {name}", f"{image}?offset={boot.offset}"],
         capture_output=True,
         text=True,
         check=True,
@@ -117,10 +127,18 @@ class Box:
         reboot: bool = False,
         extra: Sequence[str] = (),
         wild: str = "",
+        raw_serial: bool = False,
     ):
         self.image = image
         self.started = time.monotonic()
-        argv = qemu_argv(image, memory_mib, reboot=reboot, extra=extra, wild=wild)
+        argv = qemu_argv(
+            image,
+            memory_mib,
+            reboot=reboot,
+            extra=extra,
+            wild=wild,
+            raw_serial=raw_serial,
+        )
         self.child = pexpect.spawn(
             argv[0], argv[1:], encoding="utf-8", codec_errors="replace", timeout=60
         )

@@ -32,8 +32,16 @@ IMAGE_LIMIT = 64 * 2**20
 BOOT_LIMIT = float(os.environ.get("MOAT_BOOT_LIMIT", "30"))
 # 20 in `make test` (about 9 min under TCG); `make test-powercut-long` runs 100
 POWERCUTS = int(os.environ.get("MOAT_POWERCUTS", "20"))
-# the console shell, init, the supervisor: nothing else runs on an idle box
-EXPECTED = {"init", "moat supervise", "sh -l"}
+# the console shell, init, the supervisor and its one service (the wild
+# side's DHCP client): nothing else runs on an idle box
+EXPECTED = {
+    "init",
+    "moat supervise",
+    "sh -l",
+    "moat wan --interface wild -- --state-file /var/moat/dhcpc-wild.json",
+}
+# the DHCP client's port 68 (RFC 2131 §4.1): the one bound UDP socket
+DHCP_CLIENT = "00000000:0044"
 
 
 @pytest.fixture(scope="session")
@@ -130,17 +138,18 @@ def test_boot_and_running_box(
     )
     running = {line.strip() for line in cmdlines.splitlines() if line.strip()}
     normal = {
-        re.sub(r"^(/usr)?/s?bin/", "", c).replace("/usr/bin/", "") for c in running
+        re.sub(r"^(/usr)?/s?bin/", "", re.sub(r"^/usr/lib/moat/moat\b", "moat", c))
+        for c in running
     }
     unexpected = {c for c in normal if c not in EXPECTED and not c.startswith("tr ")}
     assert not unexpected, f"unexpected processes: {unexpected}"
     assert "moat supervise" in normal
 
-    # the wild NIC exists and nothing listens on it (nor on any address)
+    # the wild NIC exists and nothing but the DHCP client listens on it
     links = box.check("ip -o link")
     assert re.search(r"\d+: wild:", links) and re.search(r"\d+: private:", links)
     net = box.check("cat /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6")
-    assert listeners(net) == []
+    assert [a for a in listeners(net) if a != DHCP_CLIENT] == []
 
     check_modules_on_demand(box)
 
