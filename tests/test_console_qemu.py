@@ -393,7 +393,7 @@ def test_console_over_serial(image: Path, tmp_path: Path, boxes: list[Box]) -> N
     # the disk after power-off: nothing of the old /var, an empty backup
     assert "marker" not in var_names(disk, "/moat")
     assert "wan.json" not in var_names(disk, "/moat")
-    assert "lib" not in var_names(disk, "/")
+    assert "console" not in var_names(disk, "/lib/moat")  # the password's dir
     part = layout.partitions()["varbackup"]
     raw = tmp_path / "varbackup.raw"
     with open(disk, "rb") as f:
