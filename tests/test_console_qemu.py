@@ -38,6 +38,7 @@ from ota.console import hash_password
 
 pytestmark = pytest.mark.qemu
 
+REPO = Path(__file__).resolve().parent.parent
 MENU = r"Choose 1-12 \(Enter: menu\): "
 WELCOME = "press Enter for the recovery console"
 PASSWORD = "serial-cable-2026"
@@ -205,6 +206,12 @@ def test_console_over_serial(image: Path, tmp_path: Path, boxes: list[Box]) -> N
         "lib/moat/console/admin.pw",
         json.dumps(hash_password(PASSWORD)).encode(),
         tmp_path,
+    )
+    # the moat's own configuration turns the WAN service on (board default: off)
+    board = (REPO / "board/overlay/etc/moat/moat.toml").read_text()
+    assert "enabled = false" in board
+    put_var_file(
+        disk, "moat/moat.toml", board.replace("enabled = false", "").encode(), tmp_path
     )
     # slot b holds the same system (the builder fills both): say so in the env
     store = env_store(disk)
@@ -383,7 +390,7 @@ def test_console_over_serial(image: Path, tmp_path: Path, boxes: list[Box]) -> N
     s.wait_menu_after_boot()
     s.choose(12)
     s.expect("no administrator password is set on this box: no shell")
-    out = wild_address(s, DHCP_ADDRESS)  # no wan.json: DHCP
+    out = s.item(1)  # /var/moat/moat.toml is gone too: the board default
     assert "slot a: " in out and "running, good" in out
     s.choose(11, "yes")
     s.expect("powering off")
@@ -393,6 +400,7 @@ def test_console_over_serial(image: Path, tmp_path: Path, boxes: list[Box]) -> N
     # the disk after power-off: nothing of the old /var, an empty backup
     assert "marker" not in var_names(disk, "/moat")
     assert "wan.json" not in var_names(disk, "/moat")
+    assert "moat.toml" not in var_names(disk, "/moat")
     assert "console" not in var_names(disk, "/lib/moat")  # the password's dir
     part = layout.partitions()["varbackup"]
     raw = tmp_path / "varbackup.raw"
