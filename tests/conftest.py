@@ -4,6 +4,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def lab() -> Iterator[Lab]:
     with Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def boxes() -> Iterator[list[Any]]:
+    """QEMU boxes (qemubox.Box) a test starts: closed, QEMU killed, at its end."""
+    started: list[Any] = []
+    yield started
+    for box in started:
+        box.close()
 
 
 @pytest.fixture

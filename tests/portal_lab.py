@@ -27,6 +27,35 @@ SSH_PORT = 2222
 SSH_USER = "moat"
 
 
+def two_moat_portal(tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
+    """A portal database (no daemon, no sshd) with moats m1 (DHCP) and m2
+    (static 192.0.2.50); `settings` adds to or overrides the portal's."""
+    from portal.db import Database
+    from portal.provision import add_many
+    from portal.settings import settings_from_dict
+
+    hk = tmp_path / "hk.pub"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)[:-4]],
+                   check=True)  # fmt: skip
+    s = settings_from_dict(
+        {
+            "endpoint": "192.0.2.1",
+            "pool": "10.200.0.0/16",
+            "host_key": str(hk),
+            "networks": ["10.10.0.0/16"],
+            "control": str(tmp_path / "ctl.sock"),
+            **settings,
+        },
+        "test",
+    )
+    db = Database(tmp_path / "db")
+    db.create_layout()
+    add_many(db, s, [("", {"id": "m1", "email": "a@example.com"}),
+                     ("", {"id": "m2", "email": "b@example.com",
+                           "wild": "192.0.2.50"})])  # fmt: skip
+    return db, s
+
+
 def ensure_ssh_user(name: str = SSH_USER) -> None:
     """The registration account: /bin/sh, home /, no password ('*')."""
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,14 +158,6 @@ class Serial:
         self.expect(MENU)
         self.line("")
         return took
-
-
-@pytest.fixture
-def boxes() -> Iterator[list[Box]]:
-    started: list[Box] = []
-    yield started
-    for box in started:
-        box.close()
 
 
 def power_on(image: Path, log: Path, boxes: list[Box]) -> Serial:

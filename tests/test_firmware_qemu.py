@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -48,14 +47,6 @@ def box_image(dev_image: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "box.img"
     shutil.copyfile(dev_image, copy)
     return copy
-
-
-@pytest.fixture
-def boxes(tmp_path: Path) -> Iterator[list[Box]]:
-    started: list[Box] = []
-    yield started
-    for box in started:
-        box.close()
 
 
 def boot(image: Path, boxes: list[Box], log: Path) -> Box:

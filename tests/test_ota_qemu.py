@@ -126,14 +126,6 @@ def box_image(ota_dev_image: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def boxes() -> Iterator[list[Box]]:
-    started: list[Box] = []
-    yield started
-    for box in started:
-        box.close()
-
-
-@pytest.fixture
 def repo_url_port(ota_build: OtaBuild, tmp_path: Path) -> Iterator[int]:
     """The good repository's metadata/ and targets/ over HTTP on 127.0.0.1."""
     served = tmp_path / "served"

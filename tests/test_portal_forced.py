@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from portal_lab import two_moat_portal
 
 from portal import forced_command as fc
 from portal.daemon import Portal, PortalControl, handle
@@ -37,26 +38,7 @@ SSH_CONNECTION = b"198.51.100.7 40000 192.0.2.1 22"
 
 @pytest.fixture
 def portal(tmp_path: Path) -> tuple[Database, PortalSettings]:
-    hk = tmp_path / "hk.pub"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)[:-4]],
-                   check=True)  # fmt: skip
-    s = settings_from_dict(
-        {
-            "endpoint": "192.0.2.1",
-            "pool": "10.200.0.0/16",
-            "host_key": str(hk),
-            "networks": ["10.10.0.0/16"],
-            "control": str(tmp_path / "ctl.sock"),
-            "ssh_user": "root",
-        },
-        "test",
-    )
-    db = Database(tmp_path / "db")
-    db.create_layout()
-    add_many(db, s, [("", {"id": "m1", "email": "a@example.com"}),
-                     ("", {"id": "m2", "email": "b@example.com",
-                           "wild": "192.0.2.50"})])  # fmt: skip
-    return db, s
+    return two_moat_portal(tmp_path, ssh_user="root")
 
 
 # --- the forced command's inputs --------------------------------------------------

@@ -5,18 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from portal_lab import two_moat_portal
 
 from datapath import config as tunnel_config
 from datapath.esp import NEXT_HEADER_IPV4, OutboundSA, SAConfig
 from portal.daemon import SEQUENCE_BLOCK, Portal, handle
 from portal.db import Database, NoSuchMoat
-from portal.provision import add_many
 from portal.record import MoatRecord
 from portal.register import MoatConfig, load_config, parse_answer, tunnel_config_text
 from portal.session import (
@@ -30,25 +29,7 @@ from portal.settings import PortalSettings, settings_from_dict
 
 @pytest.fixture
 def portal(tmp_path: Path) -> tuple[Database, PortalSettings]:
-    hk = tmp_path / "hk.pub"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)[:-4]],
-                   check=True)  # fmt: skip
-    s = settings_from_dict(
-        {
-            "endpoint": "192.0.2.1",
-            "pool": "10.200.0.0/16",
-            "host_key": str(hk),
-            "networks": ["10.10.0.0/16"],
-            "control": str(tmp_path / "ctl.sock"),
-        },
-        "test",
-    )
-    db = Database(tmp_path / "db")
-    db.create_layout()
-    add_many(db, s, [("", {"id": "m1", "email": "a@example.com"}),
-                     ("", {"id": "m2", "email": "b@example.com",
-                           "wild": "192.0.2.50"})])  # fmt: skip
-    return db, s
+    return two_moat_portal(tmp_path)
 
 
 INJECTIONS = [
