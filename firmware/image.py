@@ -52,9 +52,10 @@ MERGE = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/l
 # loaded TCG host, about 40 s more CPU for mksquashfs
 SQUASHFS_COMPRESSION = ["-comp", "xz", "-Xbcj", "x86", "-b", "1M"]
 SQUASHFS_ARGS = [*SQUASHFS_COMPRESSION, "-noappend", "-all-root"]
-# the initramfs is stored uncompressed in the slot, whose xz packs it better
-# than gzip would (GRUB decompresses the slot's blocks as it reads them)
-INITRAMFS_GZIP = False
+# the initramfs is gzipped: stored raw, the slot's xz packs it 0.8 MiB smaller,
+# but GRUB then reads ~3x the bytes through its xz decoder and the boot to
+# "moat ready" took 32.5 s instead of 25.5 s (TCG, 128 MiB, same host load)
+INITRAMFS_GZIP = True
 INITIAL_ENV = {"moat_cmdline": ""}
 PRODUCT = "moat"
 

@@ -10,10 +10,10 @@ rm -rf "$work"
 mkdir -p "$work/slot/boot"
 
 cp "$images/bzImage" "$work/slot/boot/vmlinuz"
-# the initramfs: every entry but /usr's contents, owned by root, stored
-# uncompressed (the slot's xz packs it better than a compressed cpio)
+# the initramfs: every entry but /usr's contents, owned by root, gzipped
+# (a raw one packs smaller in the slot but GRUB's xz reading costs ~5 s of boot)
 (cd "$TARGET_DIR" && find . -path './usr/*' -prune -o -print | LC_ALL=C sort \
-    | cpio --quiet -o -H newc -R 0:0) > "$work/slot/boot/initrd.img"
+    | cpio --quiet -o -H newc -R 0:0) | gzip -9n > "$work/slot/boot/initrd.img"
 cp -a "$TARGET_DIR/usr" "$work/slot/usr"
 "$HOST_DIR/bin/mksquashfs" "$work/slot" "$work/slot.squashfs" \
     -comp xz -Xbcj x86 -b 1M -noappend -all-root
