@@ -30,6 +30,24 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
+@pytest.fixture(scope="session")
+def dev_image(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test image with the development shell on serial (qemubox.dev_copy)."""
+    from qemubox import dev_copy
+
+    return dev_copy(image, tmp_path_factory.mktemp("dev") / "moat-dev.img")
+
+
+@pytest.fixture
+def box_image(dev_image: Path, tmp_path: Path) -> Path:
+    """A fresh disk for one test, copied from dev_image."""
+    import shutil
+
+    copy = tmp_path / "box.img"
+    shutil.copyfile(dev_image, copy)
+    return copy
+
+
 @pytest.fixture
 def boxes() -> Iterator[list[Any]]:
     """QEMU boxes (qemubox.Box) a test starts: closed, QEMU killed, at its end."""

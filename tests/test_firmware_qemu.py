@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pexpect
 import pytest
-from qemubox import Box, dev_copy
+from qemubox import Box
 
 from firmware import layout
 
@@ -35,18 +34,6 @@ POWERCUTS = int(os.environ.get("MOAT_POWERCUTS", "20"))
 EXPECTED = {"init", "moat supervise", "sh -l"}
 # the DHCP client's port 68 (RFC 2131 §4.1): the one bound UDP socket
 DHCP_CLIENT = "00000000:0044"
-
-
-@pytest.fixture(scope="session")
-def dev_image(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return dev_copy(image, tmp_path_factory.mktemp("dev") / "moat-dev.img")
-
-
-@pytest.fixture
-def box_image(dev_image: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "box.img"
-    shutil.copyfile(dev_image, copy)
-    return copy
 
 
 def boot(image: Path, boxes: list[Box], log: Path) -> Box:

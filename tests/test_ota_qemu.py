@@ -45,7 +45,7 @@ from pathlib import Path
 import otaimage
 import pexpect
 import pytest
-from qemubox import READY, Box, dev_copy
+from qemubox import READY, Box
 
 from firmware import layout
 from firmware.image import SQUASHFS_ARGS
@@ -111,18 +111,6 @@ def ota_build(image: Path, tmp_path_factory: pytest.TempPathFactory) -> OtaBuild
         good_bundle=otaimage.bundle_drive(good_repo, good, out / "good.moat"),
         broken_bundle=otaimage.bundle_drive(broken_repo, broken, out / "broken.moat"),
     )
-
-
-@pytest.fixture(scope="session")
-def ota_dev_image(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return dev_copy(image, tmp_path_factory.mktemp("otadev") / "moat-dev.img")
-
-
-@pytest.fixture
-def box_image(ota_dev_image: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "box.img"
-    shutil.copyfile(ota_dev_image, copy)
-    return copy
 
 
 @pytest.fixture
